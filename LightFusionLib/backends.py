@@ -1,0 +1,202 @@
+"""Inference backends behind one interface: torch (CPU/CUDA) and ONNX Runtime (CPU, CUDA provider).
+
+A backend fuses batches of planes: ``backend(mri, other)`` with two (N,H,W) float32 arrays in
+[0, 1] returns the fused luma (N,H,W) float32 in [0, 1]. torch and onnxruntime are imported only
+when a backend that needs them is made, so inference works with either one installed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .data import check_task
+from .models import ModelError, resolve_model_path
+
+BACKENDS = ("auto", "torch", "onnx")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class BackendOutOfMemory(RuntimeError):
+    """The device ran out of memory for this batch; the caller may retry with a smaller one."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend or device is not installed / not present."""
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA GPU (False when torch is not installed)."""
+    if not _has("torch"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gpu_name() -> str | None:
+    """Name of the first CUDA GPU, or None."""
+    if not cuda_available():
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def choose_backend(backend: str = "auto", device: str = "auto") -> tuple[str, str]:
+    """Resolve ('auto'|'torch'|'onnx', 'auto'|'cpu'|'cuda') to a concrete (backend, device).
+
+    auto: torch on CUDA when a GPU is there; else ONNX Runtime on CPU when installed; else torch CPU.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    has_torch, has_ort = _has("torch"), _has("onnxruntime")
+    if backend == "auto":
+        if device in ("auto", "cuda") and cuda_available():
+            backend = "torch"
+        elif has_ort and device != "cuda":
+            backend = "onnx"
+        elif has_torch:
+            backend = "torch"
+        elif has_ort:
+            backend = "onnx"
+        else:
+            raise BackendUnavailable("neither torch nor onnxruntime is installed; install one of them")
+    if backend == "torch":
+        if not has_torch:
+            raise BackendUnavailable("backend 'torch' requested but torch is not installed")
+        if device == "auto":
+            device = "cuda" if cuda_available() else "cpu"
+        elif device == "cuda" and not cuda_available():
+            raise BackendUnavailable("device 'cuda' requested but no CUDA GPU is available to torch")
+    else:
+        if not has_ort:
+            raise BackendUnavailable("backend 'onnx' requested but onnxruntime is not installed")
+        import onnxruntime as ort
+
+        has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device == "auto":
+            device = "cuda" if has_cuda_ep else "cpu"
+        elif device == "cuda" and not has_cuda_ep:
+            raise BackendUnavailable("device 'cuda' requested but onnxruntime has no CUDA provider")
+    return backend, device
+
+
+class FusionBackend:
+    """Common interface. Attributes: name ('torch'|'onnx'), device, task, model_path, preferred_batch."""
+
+    name = "base"
+    preferred_batch = 8
+
+    def __init__(self, task: str, model_path: Path, device: str) -> None:
+        self.task, self.model_path, self.device = task, model_path, device
+
+    def __call__(self, mri: np.ndarray, other: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"
+
+
+class TorchBackend(FusionBackend):
+    """PyTorch eager inference (inference_mode, channels_last; fp16 on CUDA when ``half``)."""
+
+    name = "torch"
+
+    def __init__(self, task: str, model_path: Path, device: str = "cpu", half: bool = False,
+                 threads: int | None = None) -> None:
+        import torch
+
+        from .models import load_model
+
+        super().__init__(task, model_path, device)
+        net, self.payload = load_model(model_path, task)
+        if threads:
+            torch.set_num_threads(threads)
+        self.half = half and device.startswith("cuda")
+        self.net = net.to(device, memory_format=torch.channels_last)
+        if self.half:
+            self.net = self.net.half()
+        self.preferred_batch = 32 if device.startswith("cuda") else 4
+
+    def __call__(self, mri: np.ndarray, other: np.ndarray) -> np.ndarray:
+        import torch
+
+        dtype = torch.float16 if self.half else torch.float32
+        try:
+            with torch.inference_mode():
+                m = torch.from_numpy(np.ascontiguousarray(mri, np.float32)[:, None])
+                o = torch.from_numpy(np.ascontiguousarray(other, np.float32)[:, None])
+                if self.device != "cpu":
+                    m = m.pin_memory().to(self.device, non_blocking=True)
+                    o = o.pin_memory().to(self.device, non_blocking=True)
+                m = m.to(dtype=dtype, memory_format=torch.channels_last)
+                o = o.to(dtype=dtype, memory_format=torch.channels_last)
+                fused = self.net(m, o)[:, 0].float()
+                return fused.cpu().numpy()
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise BackendOutOfMemory(str(exc).splitlines()[0]) from None
+
+
+class OnnxBackend(FusionBackend):
+    """ONNX Runtime inference of an exported model (see :mod:`LightFusionLib.onnx_export`)."""
+
+    name = "onnx"
+
+    def __init__(self, task: str, model_path: Path, device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__(task, model_path, device)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise ModelError(f"ONNX model {model_path} does not load: {str(exc).splitlines()[0]}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("lightfusion_task") and meta["lightfusion_task"] != task:
+            raise ModelError(f"model {model_path} was trained for {meta['lightfusion_task']}, not {task}")
+        self.preferred_batch = 1 if device == "cpu" else 32
+
+    def __call__(self, mri: np.ndarray, other: np.ndarray) -> np.ndarray:
+        feeds = {"mri": np.ascontiguousarray(mri, np.float32)[:, None],
+                 "other": np.ascontiguousarray(other, np.float32)[:, None]}
+        try:
+            return self.session.run(["fused"], feeds)[0][:, 0]
+        except Exception as exc:
+            if "out of memory" in str(exc).lower() or "Failed to allocate" in str(exc):
+                raise BackendOutOfMemory(str(exc).splitlines()[0]) from None
+            raise
+
+
+def load_backend(model: str | Path | None = None, task: str = "pet-mri", backend: str = "auto",
+                 device: str = "auto", **options) -> FusionBackend:
+    """Make a backend for ``task``'s shipped model or the model file ``model``.
+
+    A ``.onnx`` model forces the onnx backend; a ``.pt`` model with backend 'onnx' is refused
+    (export it first with ``lightfusion export-onnx``).
+    """
+    task = check_task(task)
+    if model is not None and Path(model).suffix.lower() == ".onnx":
+        if backend == "torch":
+            raise ValueError("an .onnx model runs on the onnx backend, not torch")
+        backend = "onnx"
+    if model is not None and Path(model).suffix.lower() != ".onnx" and backend == "auto":
+        backend = "torch" if _has("torch") else backend
+    name, dev = choose_backend(backend, device)
+    if name == "torch":
+        return TorchBackend(task, resolve_model_path(model, task, ".pt"), dev, **options)
+    if model is not None and Path(model).suffix.lower() != ".onnx":
+        raise ValueError(f"backend 'onnx' needs an .onnx model, got {model}")
+    return OnnxBackend(task, resolve_model_path(model, task, ".onnx"), dev, **options)

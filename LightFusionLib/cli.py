@@ -1,0 +1,218 @@
+"""The ``lightfusion`` command line: train, evaluate, fuse, demo, benchmark, export-onnx.
+
+Every user error ends as one line ``lightfusion: error: <what is wrong>`` on stderr and exit code 2;
+outputs are written atomically, so a failed run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .data import TASKS
+
+TASK_CHOICES = list(TASKS)
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="inference backend (auto: torch on CUDA, else ONNX Runtime on CPU if installed, else torch)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .losses import LOSS_PRESETS, LossWeights
+    from .network import NetworkConfig
+    from .training import TrainConfig, train
+
+    weights = LOSS_PRESETS[args.loss_preset]
+    weights = LossWeights(
+        intensity=args.w_intensity if args.w_intensity is not None else weights.intensity,
+        gradient=args.w_gradient if args.w_gradient is not None else weights.gradient,
+        ssim=args.w_ssim if args.w_ssim is not None else weights.ssim,
+    )
+    cfg = TrainConfig(
+        data=Path(args.data), task=args.task, out=Path(args.out), epochs=args.epochs,
+        batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed, device=args.device,
+        resume=Path(args.resume) if args.resume else None,
+        val_cases=[c.strip() for c in args.val_cases.split(",") if c.strip()] if args.val_cases else [],
+        crops_per_image=args.crops_per_image, loss_weights=weights, force=args.force,
+        network=NetworkConfig(width=args.width, reduction=args.reduction, attention=args.attention, conv=args.conv),
+        threads=args.threads, val_every=args.val_every,
+    )
+    result = train(cfg)
+    print(f"wrote {result['out']} after {result['epochs']} epochs in {result['seconds']:.0f} s")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, format_table
+
+    report = evaluate(args.data, args.task, model=args.model,
+                      methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                      backend=args.backend, device=args.device, save_images=args.save_images,
+                      cases=[c.strip() for c in args.cases.split(",")] if args.cases else None,
+                      progress=not args.quiet)
+    print(format_table(report))
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    from .volume import fuse_files
+
+    fuse_files(args.mri, args.other, args.output, task=args.task, model=args.model, axis=args.axis,
+               backend=args.backend, device=args.device, colormap=args.colormap, batch_size=args.batch_size,
+               progress=not args.quiet)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, backend=args.backend, device=args.device, progress=not args.quiet)
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import format_report, run_benchmark
+
+    report = run_benchmark(task=args.task, backend=args.backend, device=args.device,
+                           batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+                           volume=not args.no_volume, seconds=args.seconds)
+    print(format_report(report))
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+
+    path = export_onnx(args.model, args.task, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def _write_json(path: str, obj: dict) -> None:
+    from .fileio import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightfusion", description="LightFusionNet medical image fusion")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on paired 2-D slices (unsupervised)")
+    p.add_argument("--data", required=True, help="folder with MRI/ and PET/|SPECT/|CT/ (paired file names)")
+    p.add_argument("--task", required=True, choices=TASK_CHOICES)
+    p.add_argument("--out", required=True, help="model file to write (.pt)")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", help="checkpoint to continue from (<out>.checkpoint.pt)")
+    p.add_argument("--val-cases", help="comma-separated case ids held out for validation, e.g. 41")
+    p.add_argument("--crops-per-image", type=int, default=1, help="random crops per image per epoch")
+    p.add_argument("--loss-preset", default="ablation", choices=["eq5", "ablation"],
+                   help="eq5: I20/G100/S50 (paper eq. 5); ablation: I100/G50/S20 (paper Table 5)")
+    p.add_argument("--w-intensity", type=float)
+    p.add_argument("--w-gradient", type=float)
+    p.add_argument("--w-ssim", type=float)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--reduction", type=int, default=4)
+    p.add_argument("--attention", default="pca", choices=["pca", "conv", "channel", "spatial", "none"])
+    p.add_argument("--conv", default="dsc", choices=["dsc", "standard"])
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--val-every", type=int, default=10, help="validate every N epochs (and at the end)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="score LightFusion and baselines on paired slices")
+    p.add_argument("--data", required=True)
+    p.add_argument("--task", required=True, choices=TASK_CHOICES)
+    p.add_argument("--model", help="model file (default: the shipped model of the task)")
+    p.add_argument("--methods", default="lightfusion,average,max,laplacian")
+    p.add_argument("--cases", help="only these comma-separated case ids (e.g. a validation split)")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--save-images", help="folder for the fused images (<method>/<name>.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_backend_args(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("fuse", help="fuse two co-registered 3-D volumes")
+    p.add_argument("mri", help="MRI volume (file or DICOM series folder)")
+    p.add_argument("other", help="PET / SPECT / CT volume (file or DICOM series folder)")
+    p.add_argument("-o", "--output", required=True, help="output file; format from its extension")
+    p.add_argument("--task", default="pet-mri", choices=TASK_CHOICES)
+    p.add_argument("--model")
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--colormap", help="colour map for scalar PET/SPECT ('none' for grayscale output)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--quiet", action="store_true")
+    _add_backend_args(p)
+    p.set_defaults(func=_cmd_fuse)
+
+    p = sub.add_parser("demo", help="fuse the bundled sample PET/MRI volumes")
+    p.add_argument("--out", default="lightfusion-demo", help="output folder")
+    p.add_argument("--quiet", action="store_true")
+    _add_backend_args(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("benchmark", help="parameters, FLOPs and speed")
+    p.add_argument("--task", default="pet-mri", choices=TASK_CHOICES)
+    p.add_argument("--batch-sizes", default="1,4,16")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    p.add_argument("--no-volume", action="store_true", help="skip the end-to-end volume benchmark")
+    p.add_argument("--json")
+    _add_backend_args(p)
+    p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("export-onnx", help="export a model to ONNX (dynamic batch and size)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--task", choices=TASK_CHOICES)
+    group.add_argument("--model")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_export_onnx)
+    return parser
+
+
+# Errors a user can cause; anything else is a bug and keeps its traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .backends import BackendUnavailable
+    from .data import DataError
+    from .models import ModelError
+
+    errors: list[type[BaseException]] = [DataError, ModelError, BackendUnavailable, FileExistsError,
+                                         FileNotFoundError, PermissionError, ValueError]
+    try:
+        from .volume import FusionCancelled, VolumeError
+
+        errors += [VolumeError, FusionCancelled]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("lightfusion: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        message = " ".join(str(exc).split())  # one line
+        print(f"lightfusion {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

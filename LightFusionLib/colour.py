@@ -1,0 +1,46 @@
+"""BT.601 RGB <-> YUV conversion used to fuse pseudo-colour PET/SPECT with grayscale MRI.
+
+The network fuses only luma (Y); the functional image's chroma (U, V) is carried over unchanged.
+All arrays are channel-last: (..., 3) on the 0-255 scale.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# Analogue BT.601 YUV: Y = .299 R + .587 G + .114 B, U = .492 (B - Y), V = .877 (R - Y).
+_RGB_TO_YUV = np.array(
+    [[0.299, 0.587, 0.114],
+     [-0.14713, -0.28886, 0.436],
+     [0.615, -0.51499, -0.10001]],
+    dtype=np.float64,
+)
+# The exact inverse (not the rounded textbook one) so that RGB -> YUV -> RGB is lossless.
+_YUV_TO_RGB = np.linalg.inv(_RGB_TO_YUV)
+
+
+def rgb_to_yuv(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB (0-255) -> (..., 3) float32 YUV; Y on the 0-255 scale."""
+    return (np.asarray(rgb, dtype=np.float64) @ _RGB_TO_YUV.T).astype(np.float32)
+
+
+def yuv_to_rgb(yuv: np.ndarray) -> np.ndarray:
+    """(..., 3) YUV -> (..., 3) float32 RGB, not clipped (see :func:`merge_luma`)."""
+    return (np.asarray(yuv, dtype=np.float64) @ _YUV_TO_RGB.T).astype(np.float32)
+
+
+def merge_luma(fused_y: np.ndarray, source_yuv: np.ndarray) -> np.ndarray:
+    """Replace the luma of ``source_yuv`` (..., 3) by ``fused_y`` (...) (0-255) -> uint8 RGB (..., 3).
+
+    The result is rounded and clipped to [0, 255], as out-of-gamut YUV can map outside it.
+    """
+    yuv = np.array(source_yuv, dtype=np.float32, copy=True)
+    yuv[..., 0] = fused_y
+    return np.clip(np.rint(yuv_to_rgb(yuv)), 0, 255).astype(np.uint8)
+
+
+def luma(image: np.ndarray) -> np.ndarray:
+    """Grayscale (...) passes through; RGB (..., 3) -> BT.601 luma. Returns float32 on the input scale."""
+    image = np.asarray(image)
+    if image.ndim >= 3 and image.shape[-1] == 3:
+        return rgb_to_yuv(image)[..., 0]
+    return image.astype(np.float32)

@@ -1,0 +1,196 @@
+"""Unsupervised training of LightFusionNet on paired 2-D slices (the paper's recipe).
+
+Adam, step decay x0.5 every 50 epochs, random crops with flips, batch 4. Each epoch draws
+``crops_per_image`` random crops from every training image. A checkpoint (model + optimizer +
+scheduler + RNG states) is written atomically after every epoch beside the output, so ``resume``
+continues exactly where it stopped; on CPU a fixed seed reproduces the same weights.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataError, check_task, find_pairs, load_pairs, random_crops, split_by_case, to_unit
+from .fileio import atomic_output
+from .losses import PAPER_ABLATION, LossWeights
+from .models import read_model_file, save_model
+from .network import NetworkConfig
+
+LOG_FIELDS = ["epoch", "lr", "loss", "intensity", "gradient", "ssim", "val_loss", "seconds"]
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    task: str
+    out: Path
+    epochs: int = 200
+    batch_size: int = 4
+    crop: int = 64
+    lr: float = 1e-4
+    lr_step: int = 50
+    lr_gamma: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    resume: Path | None = None
+    val_cases: list[str] = field(default_factory=list)
+    crops_per_image: int = 1
+    loss_weights: LossWeights = PAPER_ABLATION
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    force: bool = False
+    progress: bool = True
+    threads: int | None = None
+    val_every: int = 10  # full-size validation is slow on CPU; the last epoch always validates
+
+
+def checkpoint_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".checkpoint.pt")
+
+
+def log_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".log.csv")
+
+
+def select_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; an unavailable 'cuda' is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
+    return device
+
+
+def _validation_loss(model, loss_fn, mri: np.ndarray, other: np.ndarray, device: str) -> float:
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(mri), 8):
+            m = torch.from_numpy(mri[i:i + 8, None]).to(device)
+            o = torch.from_numpy(other[i:i + 8, None]).to(device)
+            loss, _ = loss_fn(model(m, o), o, m)
+            total += float(loss) * len(m)
+    return total / len(mri)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train and write the model to ``cfg.out``. Returns a summary dict (epochs, seconds, losses)."""
+    import torch
+    from tqdm import tqdm
+
+    from .losses import FusionLoss
+    from .network import LightFusionNet
+
+    task = check_task(cfg.task)
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force and cfg.resume is None:
+        raise FileExistsError(f"output {out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist")
+    for name, value in (("epochs", cfg.epochs), ("batch size", cfg.batch_size), ("crop", cfg.crop)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device)
+
+    pairs = find_pairs(cfg.data, task)
+    train_pairs, val_pairs = split_by_case(pairs, cfg.val_cases)
+    train_mri, train_other = to_unit(load_pairs(train_pairs))
+    if cfg.crop > min(train_mri.shape[1:]):
+        raise DataError(f"crop size {cfg.crop} exceeds image size {train_mri.shape[1]}x{train_mri.shape[2]}")
+    val_mri = val_other = None
+    if val_pairs:
+        val_mri, val_other = to_unit(load_pairs(val_pairs))
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = LightFusionNet(cfg.network).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    loss_fn = FusionLoss(cfg.loss_weights)
+    start_epoch, history, elapsed = 0, [], 0.0
+
+    if cfg.resume is not None:
+        payload = read_model_file(cfg.resume)
+        state = payload.get("training")
+        if state is None:
+            raise ValueError(f"{cfg.resume} is a model without training state; cannot resume from it")
+        if payload["task"] != task:
+            raise ValueError(f"checkpoint {cfg.resume} is for {payload['task']}, not {task}")
+        model = LightFusionNet(NetworkConfig.from_dict(payload["config"])).to(device)
+        model.load_state_dict(payload["state_dict"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        scheduler.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history, elapsed = state["epoch"], state["history"], state["seconds"]
+        loss_fn = FusionLoss(LossWeights(**state["loss_weights"]))
+
+    meta = {
+        "loss_weights": loss_fn.weights.to_dict(),
+        "recipe": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "crop": cfg.crop, "lr": cfg.lr,
+                   "lr_step": cfg.lr_step, "lr_gamma": cfg.lr_gamma, "seed": cfg.seed,
+                   "crops_per_image": cfg.crops_per_image},
+        "train_pairs": len(train_pairs),
+        "val_cases": sorted(cfg.val_cases),
+        "data": str(cfg.data),
+    }
+    epochs = tqdm(range(start_epoch, cfg.epochs), desc=f"train {task}", unit="epoch",
+                  initial=start_epoch, total=cfg.epochs, disable=not cfg.progress)
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        model.train()
+        crops_m, crops_o = random_crops(train_mri, train_other, cfg.crop, rng,
+                                        count=len(train_mri) * cfg.crops_per_image)
+        sums = {"loss": 0.0, "intensity": 0.0, "gradient": 0.0, "ssim": 0.0}
+        for i in range(0, len(crops_m), cfg.batch_size):
+            m = torch.from_numpy(crops_m[i:i + cfg.batch_size]).to(device)
+            o = torch.from_numpy(crops_o[i:i + cfg.batch_size]).to(device)
+            loss, parts = loss_fn(model(m, o), o, m)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(m)
+            sums["loss"] += loss.item() * n
+            for k, v in parts.items():
+                sums[k] += v.item() * n
+        scheduler.step()
+        row = {k: v / len(crops_m) for k, v in sums.items()}
+        row["epoch"] = epoch + 1
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        model.eval()
+        validate = val_mri is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
+        row["val_loss"] = _validation_loss(model, loss_fn, val_mri, val_other, device) if validate else ""
+        elapsed += time.perf_counter() - t0
+        row["seconds"] = round(elapsed, 2)
+        history.append(row)
+        epochs.set_postfix(loss=f"{row['loss']:.4f}", val=f"{row['val_loss']:.4f}" if validate else "-")
+        training_state = {
+            "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "history": history, "seconds": elapsed, "loss_weights": loss_fn.weights.to_dict(),
+        }
+        save_model(checkpoint_path(out), model, task, meta=meta, training=training_state)
+        _write_log(log_path(out), history)
+
+    meta["epochs_trained"] = len(history)
+    meta["train_seconds"] = round(elapsed, 1)
+    meta["final_loss"] = history[-1]["loss"] if history else None
+    save_model(out, model, task, meta=meta)
+    return {"out": str(out), "epochs": len(history), "seconds": elapsed, "history": history}
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
