@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import check_task
-from .models import ModelError, resolve_model_path
+from .models import ModelError, resolve_model_path, shipped_model_path
 
 BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
@@ -195,6 +195,13 @@ def load_backend(model: str | Path | None = None, task: str = "pet-mri", backend
     if model is not None and Path(model).suffix.lower() != ".onnx" and backend == "auto":
         backend = "torch" if _has("torch") else backend
     name, dev = choose_backend(backend, device)
+    if name == "onnx" and backend == "auto" and model is None and _has("torch"):
+        # 'auto' prefers ONNX Runtime on CPU, but only where the task's .onnx has been exported:
+        # until then the shipped .pt on torch is the sensible choice, not an error.
+        try:
+            shipped_model_path(task, ".onnx")
+        except ModelError:
+            name, dev = choose_backend("torch", device)
     if name == "torch":
         return TorchBackend(task, resolve_model_path(model, task, ".pt"), dev, **options)
     if model is not None and Path(model).suffix.lower() != ".onnx":
