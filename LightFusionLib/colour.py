@@ -8,12 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 # Analogue BT.601 YUV: Y = .299 R + .587 G + .114 B, U = .492 (B - Y), V = .877 (R - Y).
-_RGB_TO_YUV = np.array(
-    [[0.299, 0.587, 0.114],
-     [-0.14713, -0.28886, 0.436],
-     [0.615, -0.51499, -0.10001]],
-    dtype=np.float64,
-)
+_LUMA = np.array([0.299, 0.587, 0.114])
+_RGB_TO_YUV = np.stack([_LUMA, 0.492 * (np.eye(3)[2] - _LUMA), 0.877 * (np.eye(3)[0] - _LUMA)])
 # The exact inverse (not the rounded textbook one) so that RGB -> YUV -> RGB is lossless.
 _YUV_TO_RGB = np.linalg.inv(_RGB_TO_YUV)
 

@@ -1,0 +1,78 @@
+"""Training on a tiny real-file data set: determinism, exact resume, outputs and refusals."""
+import csv
+
+import pytest
+import torch
+
+from LightFusionLib.cli import main
+from LightFusionLib.models import ModelError, load_model, read_model_file
+from LightFusionLib.network import NetworkConfig
+from LightFusionLib.training import TrainConfig, checkpoint_path, log_path, train
+from tiny_pairs import make_pairs
+
+
+def config(tmp_path, out, **kw):
+    defaults = dict(data=tmp_path / "data", task="pet-mri", out=tmp_path / out, epochs=2, batch_size=2,
+                    crop=16, seed=3, device="cpu", progress=False, val_cases=["3"], val_every=1,
+                    network=NetworkConfig(width=8, reduction=4))
+    defaults.update(kw)
+    return TrainConfig(**defaults)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_pairs(tmp_path / "data")
+
+
+def weights(path):
+    return read_model_file(path)["state_dict"]
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fixed_seed_reproduces_weights(tmp_path, data):
+    train(config(tmp_path, "a.pt"))
+    train(config(tmp_path, "b.pt"))
+    assert same(weights(tmp_path / "a.pt"), weights(tmp_path / "b.pt"))
+    train(config(tmp_path, "c.pt", seed=4))
+    assert not same(weights(tmp_path / "a.pt"), weights(tmp_path / "c.pt"))
+
+
+def test_resume_continues_exactly(tmp_path, data):
+    train(config(tmp_path, "full.pt", epochs=3))
+    train(config(tmp_path, "part.pt", epochs=1))
+    result = train(config(tmp_path, "part.pt", epochs=3, resume=checkpoint_path(tmp_path / "part.pt")))
+    assert result["epochs"] == 3
+    assert same(weights(tmp_path / "full.pt"), weights(tmp_path / "part.pt"))
+    with open(log_path(tmp_path / "part.pt")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert all(float(r["val_loss"]) > 0 for r in rows)
+
+
+def test_training_lowers_the_loss(tmp_path, data):
+    result = train(config(tmp_path, "m.pt", epochs=6, lr=1e-2, val_cases=[]))
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < losses[0]
+    net, payload = load_model(tmp_path / "m.pt", "pet-mri")
+    assert payload["meta"]["train_pairs"] == 5 and payload["config"]["width"] == 8
+    with pytest.raises(ModelError, match="trained for pet-mri, not ct-mri"):
+        load_model(tmp_path / "m.pt", "ct-mri")
+
+
+def test_refuses_to_overwrite_without_force(tmp_path, data, capsys):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"precious")
+    args = ["train", "--data", str(data), "--task", "pet-mri", "--out", str(out), "--epochs", "1",
+            "--crop", "16", "--width", "8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "exists" in err and "--force" in err
+    assert out.read_bytes() == b"precious"
+    assert main(args + ["--force", "--val-cases", "9"]) == 2  # unknown case: clear error, nothing written
+    assert "not in data" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    assert main(args + ["--force"]) == 0
+    assert read_model_file(out)["task"] == "pet-mri"
