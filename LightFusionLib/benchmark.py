@@ -1,0 +1,165 @@
+"""``lightfusion benchmark``: model size, FLOPs, slices/s per backend and batch size, end-to-end
+volume fusion time and peak memory, with the machine named.
+
+Speed goals are measured here (and reported in docs), never asserted by timed tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import check_task
+
+
+def machine_info() -> dict:
+    """CPU model, logical CPUs, torch/onnxruntime versions, GPU name (if any)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    if importlib.util.find_spec("onnxruntime"):
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    from .backends import gpu_name
+
+    info["gpu"] = gpu_name()
+    return info
+
+
+def model_size(task: str) -> dict:
+    """Parameters and MACs at 256x256 of the shipped model's architecture (needs torch)."""
+    from .models import load_model
+    from .network import count_macs, count_parameters
+
+    net, _ = load_model(None, task)
+    macs = count_macs(net, 256, 256)
+    # The paper's "FLOPs" use the thop/ptflops convention (MACs); arithmetic FLOPs are twice that.
+    return {"params": count_parameters(net), "gflops": macs / 1e9, "gmacs": macs / 1e9,
+            "gflops_arithmetic": 2 * macs / 1e9}
+
+
+def slices_per_second(backend, batch: int, seconds: float = 3.0, size: int = 256) -> float:
+    """Steady-state throughput of ``backend`` on random (batch,size,size) planes."""
+    rng = np.random.default_rng(0)
+    mri = rng.random((batch, size, size), np.float32)
+    other = rng.random((batch, size, size), np.float32)
+    for _ in range(2):  # warm-up: allocator, graph optimisation, cuDNN autotune
+        backend(mri, other)
+    done, t0 = 0, time.perf_counter()
+    while True:
+        backend(mri, other)
+        done += batch
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and done >= 2 * batch:
+            return done / elapsed
+
+
+def _available_backends(backend: str, device: str) -> list[tuple[str, str]]:
+    from .backends import choose_backend
+
+    if backend != "auto":
+        return [choose_backend(backend, device)]
+    found = []
+    for name in ("torch", "onnx"):
+        for dev in (["cpu", "cuda"] if device == "auto" else [device]):
+            try:
+                pair = choose_backend(name, dev)
+            except Exception:
+                continue
+            if pair not in found:
+                found.append(pair)
+    return found
+
+
+def volume_benchmark(task: str, backend: str, device: str, shape=(256, 256, 256)) -> dict:
+    """End-to-end ``lightfusion fuse`` of a synthetic PET/MRI pair of ``shape`` (x, y, z) in a
+    subprocess: wall seconds (read, resample, fuse, write; process start included) and peak RSS."""
+    import SimpleITK as sitk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        z, y, x = shape[2], shape[1], shape[0]
+        zz, yy, xx = np.ogrid[:z, :y, :x]
+        head = ((zz - z / 2) ** 2 / (z / 2.4) ** 2 + (yy - y / 2) ** 2 / (y / 2.4) ** 2
+                + (xx - x / 2) ** 2 / (x / 2.6) ** 2) < 1
+        mri = (head * (400 + 200 * np.sin(xx / 7.0) * np.cos(yy / 5.0)) + rng.normal(0, 10, (z, y, x))).astype(np.float32)
+        mri_img = sitk.GetImageFromArray(mri)
+        mri_img.SetSpacing((1.0, 1.0, 1.0))
+        # PET on a 2 mm grid with another origin, so the run includes resampling.
+        pet = sitk.Resample(mri_img, [s // 2 for s in shape], sitk.Transform(), sitk.sitkLinear,
+                            (4.0, 4.0, 4.0), (2.0, 2.0, 2.0), mri_img.GetDirection())
+        sitk.WriteImage(mri_img, f"{tmp}/mri.nrrd")
+        sitk.WriteImage(sitk.Abs(pet), f"{tmp}/pet.nrrd")
+        cmd = [sys.executable, "-m", "LightFusionLib", "fuse", f"{tmp}/mri.nrrd", f"{tmp}/pet.nrrd",
+               "-o", f"{tmp}/fused.nrrd", "--task", task, "--backend", backend, "--device", device, "--quiet"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if run.returncode != 0:
+            raise RuntimeError(f"volume benchmark failed: {run.stderr.strip().splitlines()[-1:]}")
+    return {"shape": list(shape), "seconds": round(seconds, 3),
+            "peak_rss_mb": round(max(peak_kb, before) / 1024, 1)}
+
+
+def run_benchmark(task: str = "pet-mri", backend: str = "auto", device: str = "auto",
+                  batch_sizes: list[int] | None = None, volume: bool = True, seconds: float = 3.0) -> dict:
+    """Measure every available backend (or only ``backend``). Returns the JSON-ready report."""
+    from .backends import load_backend
+
+    task = check_task(task)
+    batch_sizes = batch_sizes or [1, 4, 16]
+    report: dict = {"task": task, "machine": machine_info(), "backends": {}}
+    if importlib.util.find_spec("torch"):
+        report.update(model_size(task))
+    best, best_device = 0.0, None
+    for name, dev in _available_backends(backend, device):
+        engine = load_backend(None, task, name, dev)
+        rates = {str(b): round(slices_per_second(engine, b, seconds), 2) for b in batch_sizes}
+        entry = {"device": dev, "slices_per_second_by_batch": rates}
+        if volume:
+            entry["volume_256"] = volume_benchmark(task, name, dev)
+        report["backends"][f"{name}-{dev}"] = entry
+        if max(rates.values()) > best:
+            best, best_device = max(rates.values()), f"{name}-{dev}"
+    report["slices_per_second"] = best
+    report["device"] = best_device
+    return report
+
+
+def format_report(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"machine: {m['cpu']} ({m['cpus']} CPUs){', GPU ' + m['gpu'] if m.get('gpu') else ''}"]
+    if "params" in report:
+        lines.append(f"model {report['task']}: {report['params']} parameters, {report['gmacs']:.3f} GMACs "
+                     f"(= the paper's GFLOPs) / {report['gflops_arithmetic']:.3f} GFLOPs at 256x256")
+    for name, entry in report["backends"].items():
+        rates = ", ".join(f"batch {b}: {r:.1f}" for b, r in entry["slices_per_second_by_batch"].items())
+        lines.append(f"{name}: slices/s at 256x256: {rates}")
+        if "volume_256" in entry:
+            v = entry["volume_256"]
+            lines.append(f"{name}: fuse {'x'.join(map(str, v['shape']))} volume end to end: {v['seconds']:.2f} s, "
+                         f"peak memory {v['peak_rss_mb']:.0f} MB")
+    lines.append(f"best: {report['slices_per_second']:.1f} slices/s ({report['device']})")
+    return "\n".join(lines)
