@@ -475,3 +475,11 @@ def test_shipped_model_end_to_end_on_cpu(scene, pair):
     assert logic.lastRun["outputNodeID"] == out.GetID()
     backend = logic.getBackend("pet-mri", device="cpu")
     assert logic.getBackend("pet-mri", device="cpu") is backend  # cached between runs
+
+
+def test_guess_inputs_by_name(scene):
+    assert lf_logic.guessInputs(scene) == (None, None)
+    add_volume(np.ones((2, 2, 2)), None, "Segmentation-label", "vtkMRMLLabelMapVolumeNode")
+    t1 = add_volume(np.ones((2, 2, 2)), None, "sub01_T1w")
+    pet = add_volume(np.ones((2, 2, 2, 3), np.uint8), None, "sub01 PET (RGB)", "vtkMRMLVectorVolumeNode")
+    assert lf_logic.guessInputs(scene) == (t1, pet)

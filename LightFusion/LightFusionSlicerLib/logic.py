@@ -150,6 +150,25 @@ def findSamplePair(folder: Path) -> tuple[Path, Path, str]:
     return mris[0], others[task], task
 
 
+def guessInputs(scene) -> tuple[object | None, object | None]:
+    """(MRI, PET/SPECT/CT) volume nodes of ``scene`` guessed from their names, for preselection:
+    a scalar volume with a word starting with 'mr', 't1' or 't2', and a scalar or RGB volume with a
+    word starting with 'pet', 'spect' or 'ct'. Either may be None."""
+    mri = other = None
+    for className in (mrml.SCALAR_CLASS, mrml.VECTOR_CLASS):
+        for index in range(scene.GetNumberOfNodesByClass(className)):
+            node = scene.GetNthNodeByClass(index, className)
+            if node.GetClassName() != className:  # label maps and other subclasses
+                continue
+            words = [w for w in re.split(r"[^a-z0-9]+", (node.GetName() or "").lower()) if w]
+            if other is None and any(w.startswith(k) for w in words for k in ("pet", "spect", "ct")):
+                other = node
+            elif (mri is None and className == mrml.SCALAR_CLASS
+                  and any(w.startswith(k) for w in words for k in ("mr", "t1", "t2"))):
+                mri = node
+    return mri, other
+
+
 def fusedVolumeName(mriNode, otherNode) -> str:
     return f"{mriNode.GetName()}_{otherNode.GetName()}_fused"
 

@@ -1,0 +1,485 @@
+"""LightFusion: fuse co-registered PET/SPECT/CT volumes with MRI in 3D Slicer (LightFusionNet).
+
+This file holds the Slicer-facing parts that need Qt: the module description, the parameter node,
+the panel (``LightFusionWidget``) and the self-test (``LightFusionTest``). The computation lives in
+the Qt-free package ``LightFusionSlicerLib`` (``LightFusionLogic``, re-exported here, and the MRML
+bridge), so it can also run from the Python console and under pytest with the slicer-core wheel.
+
+Parent transforms: a linear parent transform on an input is applied (as geometry, no resampling);
+the fused volume is put under the MRI's parent transform. A non-linear transform is refused with a
+message asking to harden it. Requires a Slicer whose Python is 3.10 or newer.
+"""
+import enum
+import logging
+import os
+import pathlib
+import time
+from typing import Annotated, Optional, Union
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer without translation support
+    def _(text):
+        return text
+
+from LightFusionSlicerLib import logic as _logic
+from LightFusionSlicerLib.logic import LightFusionLogic  # noqa: F401  (Slicer looks it up here)
+
+#
+# LightFusion
+#
+
+
+class LightFusion(ScriptedLoadableModule):
+    """Module description shown in Slicer's module panel and help."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("LightFusion")
+        self.parent.categories = [_("Multimodality")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["LightFusion developers"]
+        self.parent.helpText = _(
+            "Fuses a co-registered PET, SPECT or CT volume with an MRI using LightFusionNet, a "
+            "lightweight 2-D CNN (about 4,000 parameters) applied plane by plane. PET/SPECT results are "
+            "RGB volumes (the functional colour over the MRI detail), CT results are scalar volumes; both "
+            "lie on the MRI's voxel grid. Inputs are never modified.<br>"
+            "Console: <code>import LightFusion; LightFusion.LightFusionLogic().process(getNode('MRI'), "
+            "getNode('PET'))</code>")
+        self.parent.acknowledgementText = _(
+            "LightFusionNet: a dual-stream depthwise-separable CNN with Predictive Context Attention for "
+            "medical image fusion. Trained on the Harvard Whole Brain Atlas image pairs.")
+
+
+#
+# Parameter node
+#
+
+
+class FusionTask(enum.Enum):
+    PET_MRI = "pet-mri"
+    SPECT_MRI = "spect-mri"
+    CT_MRI = "ct-mri"
+    CUSTOM = "custom"
+
+    def label(self):
+        return {"pet-mri": _("PET-MRI"), "spect-mri": _("SPECT-MRI"), "ct-mri": _("CT-MRI"),
+                "custom": _("Custom model file")}[self.value]
+
+
+class ModelTask(enum.Enum):
+    PET_MRI = "pet-mri"
+    SPECT_MRI = "spect-mri"
+    CT_MRI = "ct-mri"
+
+    def label(self):
+        return {"pet-mri": _("PET-MRI"), "spect-mri": _("SPECT-MRI"), "ct-mri": _("CT-MRI")}[self.value]
+
+
+class Colormap(enum.Enum):
+    # values are LightFusionLib.colormaps names; DEFAULT = the task's own map
+    DEFAULT = "default"
+    HARVARD_PET = "harvard-pet"
+    HARVARD_SPECT = "harvard-spect"
+    HOT = "hot"
+    JET = "jet"
+    NONE = "none"
+
+    def label(self):
+        return {"default": _("Task default"), "harvard-pet": _("Harvard PET"), "harvard-spect": _("Harvard SPECT"),
+                "hot": _("Hot"), "jet": _("Jet"), "none": _("None (grayscale fusion)")}[self.value]
+
+
+class SliceAxis(enum.Enum):
+    AXIAL = "axial"
+    CORONAL = "coronal"
+    SAGITTAL = "sagittal"
+
+    def label(self):
+        return {"axial": _("Axial"), "coronal": _("Coronal"), "sagittal": _("Sagittal")}[self.value]
+
+
+class Backend(enum.Enum):
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNX = "onnx"
+
+    def label(self):
+        return {"auto": _("Auto"), "torch": _("PyTorch"), "onnx": _("ONNX Runtime")}[self.value]
+
+
+class Device(enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    def label(self):
+        return {"auto": _("Auto"), "cpu": _("CPU"), "cuda": _("CUDA GPU")}[self.value]
+
+
+@parameterNodeWrapper
+class LightFusionParameterNode:
+    """Panel state, saved with the scene.
+
+    mriVolume / otherVolume - the inputs; outputVolume - None means "create new volume".
+    task - shipped model (or CUSTOM: modelPath, trained for modelTask).
+    colormap - for scalar PET/SPECT; axis, backend, device - how the network runs.
+    """
+
+    mriVolume: vtkMRMLScalarVolumeNode
+    otherVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]
+    task: FusionTask = FusionTask.PET_MRI
+    modelPath: pathlib.Path
+    modelTask: ModelTask = ModelTask.PET_MRI
+    colormap: Colormap = Colormap.DEFAULT
+    axis: SliceAxis = SliceAxis.AXIAL
+    backend: Backend = Backend.AUTO
+    device: Device = Device.AUTO
+    outputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]
+
+
+def _modelPathOrNone(path) -> Optional[str]:
+    text = str(path) if path is not None else ""
+    return None if text in ("", ".") else text
+
+
+#
+# LightFusionWidget
+#
+
+
+class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel. All computation is delegated to LightFusionLogic."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._running = False
+        self._deviceInfo = None
+        self._gpuName = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LightFusion.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = LightFusionLogic()
+
+        self.ui.progressBar.setVisible(False)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
+        self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedCollapsed)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._running:
+            self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # -- parameter node -------------------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(LightFusionParameterNode(self.logic.getParameterNode()))
+        # Preselect inputs by name (MR/T1/T2 and PET/SPECT/CT) to save a few clicks.
+        mri, other = _logic.guessInputs(slicer.mrmlScene)
+        if not self._parameterNode.mriVolume and mri:
+            self._parameterNode.mriVolume = mri
+        if not self._parameterNode.otherVolume and other:
+            self._parameterNode.otherVolume = other
+
+    def setParameterNode(self, inputParameterNode: Optional[LightFusionParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIState)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIState)
+            self.labelCudaItem()
+            self.updateGUIState()
+
+    # -- GUI state ------------------------------------------------------------------------------
+    def effectiveTask(self) -> str:
+        p = self._parameterNode
+        return p.modelTask.value if p.task == FusionTask.CUSTOM else p.task.value
+
+    def colormapApplies(self) -> bool:
+        """A colour map is used for a scalar PET/SPECT only (not CT, not an RGB volume)."""
+        other = self._parameterNode.otherVolume
+        otherIsRGB = bool(other and other.GetImageData()
+                          and other.GetImageData().GetNumberOfScalarComponents() == 3)
+        return self.effectiveTask() != "ct-mri" and not otherIsRGB
+
+    def updateGUIState(self, caller=None, event=None) -> None:
+        """Show the rows that apply, and enable Apply when the inputs are complete."""
+        p = self._parameterNode
+        if p is None:
+            return
+        custom = p.task == FusionTask.CUSTOM
+        for widget in (self.ui.modelPathLabel, self.ui.modelPathLineEdit, self.ui.modelTaskLabel,
+                       self.ui.modelTaskComboBox):
+            widget.setVisible(custom)
+        showColormap = self.colormapApplies()
+        self.ui.colormapLabel.setVisible(showColormap)
+        self.ui.colormapComboBox.setVisible(showColormap)
+
+        if self._running:
+            return
+        problem = None
+        if not p.mriVolume:
+            problem = _("Select an MRI volume.")
+        elif not p.otherVolume:
+            problem = _("Select a PET, SPECT or CT volume.")
+        elif p.mriVolume == p.otherVolume:
+            problem = _("The MRI and the PET/SPECT/CT volume must be two different volumes.")
+        elif custom and not _modelPathOrNone(p.modelPath):
+            problem = _("Choose a model file.")
+        self.ui.applyButton.enabled = problem is None
+        self.ui.applyButton.toolTip = problem or _("Fuse the volumes.")
+
+    def onAdvancedCollapsed(self, collapsed: bool) -> None:
+        if not collapsed:
+            self.updateDeviceInfo()
+
+    def updateDeviceInfo(self) -> None:
+        """Name the GPU (once: the first look imports torch, which takes a moment)."""
+        if self._deviceInfo is None:
+            if not _logic.isInstalled("torch"):
+                self._deviceInfo = (_("PyTorch is not installed: CPU via ONNX Runtime only.")
+                                    if _logic.isInstalled("onnxruntime")
+                                    else _("Neither PyTorch nor ONNX Runtime is installed yet."))
+            else:
+                with slicer.util.WaitCursor():
+                    self._gpuName = _logic.gpuName()
+                self._deviceInfo = (_("CUDA GPU: {name}").format(name=self._gpuName) if self._gpuName
+                                    else _("No CUDA GPU found: fusion runs on the CPU."))
+        self.ui.deviceInfoLabel.text = self._deviceInfo
+        self.labelCudaItem()
+
+    def labelCudaItem(self) -> None:
+        """Name the detected GPU in the device list ('CUDA GPU (NVIDIA ...)')."""
+        combo = self.ui.deviceComboBox
+        for index in range(combo.count):
+            if combo.itemText(index).startswith(Device.CUDA.label()):
+                text = Device.CUDA.label() + (f" ({self._gpuName})" if self._gpuName else "")
+                combo.setItemText(index, text)
+
+    # -- dependencies ---------------------------------------------------------------------------
+    def ensureInferencePackage(self, backend: str) -> bool:
+        """Offer to install what ``backend`` needs (never done at import). True when usable."""
+        import importlib
+
+        package = _logic.missingPackage(backend)
+        if package is None:
+            return True
+        if package == "torch":
+            try:
+                import PyTorchUtils  # the PyTorch extension's installer picks the right CUDA/CPU wheel
+            except ImportError:
+                PyTorchUtils = None
+            if PyTorchUtils is not None:
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)
+                importlib.invalidate_caches()
+                return torch is not None
+            message = _("LightFusion needs PyTorch (or ONNX Runtime, a smaller CPU-only alternative) to run "
+                        "the network, and neither is installed.\n\nInstall PyTorch now with pip? This "
+                        "downloads several hundred MB. (Installing the PyTorch extension from the Extensions "
+                        "Manager instead picks the build that matches your GPU.)")
+        else:
+            message = _("The ONNX Runtime backend needs the 'onnxruntime' Python package.\n\nInstall it now "
+                        "with pip?")
+        packaging = getattr(slicer, "packaging", None)
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            packaging.pip_ensure([package], requester="LightFusion")
+        else:
+            if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("LightFusion")):
+                return False
+            with slicer.util.WaitCursor():
+                slicer.util.pip_install(package)
+        importlib.invalidate_caches()
+        self._deviceInfo = None
+        return _logic.isInstalled(package)
+
+    # -- actions --------------------------------------------------------------------------------
+    def onLoadSampleButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
+            mri, other, task = self.logic.loadSampleData()
+            self._parameterNode.mriVolume = mri
+            self._parameterNode.otherVolume = other
+            self._parameterNode.task = FusionTask(task)
+            slicer.util.setSliceViewerLayers(background=mri, foreground=other, foregroundOpacity=0.5, fit=True)
+
+    def onApplyButton(self) -> None:
+        """Apply runs the fusion; while it runs the same button cancels it."""
+        if self._running:
+            self.logic.cancel()
+            self.ui.applyButton.enabled = False
+            self.ui.statusLabel.text = _("Cancelling...")
+            return
+        p = self._parameterNode
+        if not self.ensureInferencePackage(p.backend.value):
+            self.ui.statusLabel.text = _("Not run: no inference backend installed.")
+            return
+        from LightFusionLib.volume import FusionCancelled
+
+        self.setRunning(True)
+        started = time.perf_counter()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("LightFusion failed."), waitCursor=False):
+                try:
+                    self.ui.statusLabel.text = _("Loading the model...")
+                    slicer.app.processEvents()
+                    colormap = (p.colormap.value if self.colormapApplies() and p.colormap != Colormap.DEFAULT
+                                else None)
+                    custom = p.task == FusionTask.CUSTOM
+                    outputNode = self.logic.process(
+                        p.mriVolume, p.otherVolume, p.outputVolume, task=self.effectiveTask(),
+                        axis=p.axis.value, device=p.device.value, colormap=colormap,
+                        progressCallback=self.onProgress, backend=p.backend.value,
+                        model=_modelPathOrNone(p.modelPath) if custom else None)
+                except FusionCancelled:
+                    self.ui.statusLabel.text = _("Cancelled after {s:.1f} s; nothing was changed.").format(
+                        s=time.perf_counter() - started)
+                    return
+                self.showResult(outputNode)
+        finally:
+            self.setRunning(False)
+
+    def onProgress(self, done: int, total: int) -> None:
+        if self.ui.progressBar.maximum != total:
+            self.ui.progressBar.maximum = total
+            self.ui.statusLabel.text = _("Fusing...")
+        self.ui.progressBar.value = done
+        slicer.app.processEvents()  # keeps the panel responsive and lets Cancel through
+
+    def setRunning(self, running: bool) -> None:
+        self._running = running
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton,
+                       self.ui.outputsCollapsibleButton):
+            widget.enabled = not running
+        self.ui.progressBar.setVisible(running)
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.maximum = 0  # busy indicator until the first batch reports
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.toolTip = _("Stop after the current batch.") if running else _("Fuse the volumes.")
+        self.ui.applyButton.enabled = True
+        if not running:
+            self.updateGUIState()
+
+    def showResult(self, outputNode) -> None:
+        slicer.util.setSliceViewerLayers(background=outputNode, foreground=None, fit=True)
+        run = self.logic.lastRun or {}
+        message = _("{name}: fused in {s:.1f} s on {device}.").format(
+            name=outputNode.GetName(), s=run.get("seconds", 0.0), device=run.get("device", "?"))
+        self.ui.statusLabel.text = message
+        slicer.util.showStatusMessage(message, 10000)
+
+
+#
+# LightFusionTest
+#
+
+
+class LightFusionTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (Reload and Test, or ctest): sample volumes -> logic -> checked output."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_LightFusion_sample_fusion()
+        self.setUp()
+        self.test_LightFusion_cancel_and_errors()
+
+    def _loadSamples(self):
+        missing = _logic.missingPackage("auto")
+        self.assertIsNone(missing, f"install {missing} (or ONNX Runtime) in Slicer before running this test")
+        mri, other, task = LightFusionLogic().loadSampleData()
+        self.assertEqual(mri.GetClassName(), "vtkMRMLScalarVolumeNode")
+        return mri, other, task
+
+    def test_LightFusion_sample_fusion(self):
+        import numpy as np
+
+        from LightFusionSlicerLib import mrml
+
+        self.delayDisplay("Loading the bundled sample volumes")
+        mri, other, task = self._loadSamples()
+        mriBefore = slicer.util.arrayFromVolume(mri).copy()
+        otherBefore = slicer.util.arrayFromVolume(other).copy()
+
+        self.delayDisplay(f"Fusing ({task}) on the CPU")
+        logic = LightFusionLogic()
+        steps = []
+        output = logic.process(mri, other, task=task, device="cpu",
+                               progressCallback=lambda done, total: steps.append((done, total)))
+
+        expectedClass = "vtkMRMLScalarVolumeNode" if task == "ct-mri" else "vtkMRMLVectorVolumeNode"
+        self.assertEqual(output.GetClassName(), expectedClass)
+        self.assertEqual(output.GetName(), f"{mri.GetName()}_{other.GetName()}_fused")
+        self.assertEqual(output.GetImageData().GetDimensions(), mri.GetImageData().GetDimensions())
+        self.assertTrue(np.allclose(mrml.ijkToRAS(output), mrml.ijkToRAS(mri), atol=1e-6))
+        values = slicer.util.arrayFromVolume(output)
+        if expectedClass == "vtkMRMLVectorVolumeNode":
+            self.assertEqual(values.dtype, np.uint8)
+            self.assertEqual(values.shape[-1], 3)
+        self.assertGreater(float(values.max()), 0.0)
+        self.assertTrue(np.isfinite(values.astype(np.float64)).all())
+        self.assertTrue(steps and steps[-1][0] == steps[-1][1])
+        # inputs untouched
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(mri), mriBefore))
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(other), otherBefore))
+        slicer.util.setSliceViewerLayers(background=output, fit=True)
+        self.delayDisplay("Sample fusion passed")
+
+    def test_LightFusion_cancel_and_errors(self):
+        from LightFusionLib.volume import FusionCancelled
+
+        mri, other, task = self._loadSamples()
+        logic = LightFusionLogic()
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        with self.assertRaises(FusionCancelled):
+            logic.process(mri, other, task=task, device="cpu", progressCallback=lambda done, total: logic.cancel())
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        with self.assertRaises(ValueError):
+            logic.process(mri, mri, task=task)
+        with self.assertRaises(ValueError):
+            logic.process(None, other, task=task)
+        self.delayDisplay("Cancel and error handling passed")

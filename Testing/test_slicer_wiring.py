@@ -1,0 +1,362 @@
+"""Static wiring of the LightFusion Slicer module (no Slicer, no Qt needed).
+
+- the .ui file: every widget the module code names exists with the expected class; every
+  parameter-node field has exactly one widget (``SlicerParameterName``) of a class that
+  parameterNodeWrapper's connectGui can bind to its type; node selectors get the scene;
+- the panel's choices match LightFusionLib (tasks, axes, backends, devices, colour maps);
+- CMake lists every module script and resource, and the layout LightFusionLib relies on;
+- LightFusionSlicerLib stays Qt-free.
+
+``LightFusion.py`` itself imports qt/ctk/slicer.ScriptedLoadableModule, which only exist inside
+Slicer: it is parsed with ``ast`` and, for the type checks, imported with minimal stand-ins for
+those modules (and the real ``slicer`` wheel when installed).
+"""
+from __future__ import annotations
+
+import ast
+import enum
+import importlib
+import pathlib
+import re
+import sys
+import types
+import typing
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "LightFusion"
+MODULE_PY = MODULE_DIR / "LightFusion.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "LightFusion.ui"
+for _path in (REPO, MODULE_DIR):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+# Widgets the module code uses and the class each must have in the .ui.
+EXPECTED_WIDGETS = {
+    "inputsCollapsibleButton": "ctkCollapsibleButton",
+    "advancedCollapsibleButton": "ctkCollapsibleButton",
+    "outputsCollapsibleButton": "ctkCollapsibleButton",
+    "mriSelector": "qMRMLNodeComboBox",
+    "otherSelector": "qMRMLNodeComboBox",
+    "outputSelector": "qMRMLNodeComboBox",
+    "taskComboBox": "QComboBox",
+    "modelTaskComboBox": "QComboBox",
+    "colormapComboBox": "QComboBox",
+    "axisComboBox": "QComboBox",
+    "backendComboBox": "QComboBox",
+    "deviceComboBox": "QComboBox",
+    "modelPathLineEdit": "ctkPathLineEdit",
+    "modelPathLabel": "QLabel",
+    "modelTaskLabel": "QLabel",
+    "colormapLabel": "QLabel",
+    "deviceInfoLabel": "QLabel",
+    "statusLabel": "QLabel",
+    "applyButton": "QPushButton",
+    "loadSampleButton": "QPushButton",
+    "progressBar": "QProgressBar",
+}
+# Signals the module connects to, per widget class (Qt / CTK API).
+KNOWN_SIGNALS = {
+    "QPushButton": {"clicked(bool)", "clicked()", "toggled(bool)"},
+    "ctkCollapsibleButton": {"contentsCollapsed(bool)", "clicked(bool)"},
+}
+QT_CLASSES = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QProgressBar", "QCheckBox", "QLineEdit"}
+
+
+# --------------------------------------------------------------------------------------------------
+# parsing helpers
+
+def ui_widgets() -> dict[str, ET.Element]:
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def dynamic_property(widget: ET.Element, name: str) -> str | None:
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            return prop.findtext("string")
+    return None
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(), filename=str(MODULE_PY))
+
+
+def ui_references(tree: ast.AST) -> set[str]:
+    """Names X in ``self.ui.X`` anywhere in the module."""
+    names = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"):
+            names.add(node.attr)
+    return names
+
+
+def parameter_fields(tree: ast.Module) -> dict[str, ast.expr]:
+    """Annotated fields of the @parameterNodeWrapper class: name -> annotation AST."""
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+                (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list):
+            return {s.target.id: s.annotation for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("no @parameterNodeWrapper class in LightFusion.py")
+
+
+def cmake_list(path: Path, variable: str) -> list[str]:
+    text = path.read_text()
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} not set in {path}"
+    return [item for item in match.group(1).split() if not item.startswith("#")]
+
+
+# --------------------------------------------------------------------------------------------------
+# .ui <-> code
+
+def test_ui_file_is_well_formed_designer_xml():
+    root = ET.parse(UI_FILE).getroot()
+    assert root.tag == "ui" and root.findtext("class") == "LightFusion"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "LightFusion"
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate widget names"
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used = {w.get("class") for w in root.iter("widget")}
+    assert used - QT_CLASSES <= declared, f"custom widgets not declared: {used - QT_CLASSES - declared}"
+
+
+def test_every_widget_the_code_names_exists_with_the_expected_class():
+    widgets = ui_widgets()
+    referenced = ui_references(module_tree())
+    assert referenced, "LightFusion.py names no self.ui widgets?"
+    unknown = referenced - set(EXPECTED_WIDGETS)
+    assert not unknown, f"add the expected class of {unknown} to EXPECTED_WIDGETS"
+    for name in referenced:
+        assert name in widgets, f"self.ui.{name} is not in {UI_FILE.name}"
+        assert widgets[name].get("class") == EXPECTED_WIDGETS[name], name
+
+
+def test_connected_signals_exist_on_the_widget_classes():
+    widgets = ui_widgets()
+    for node in ast.walk(module_tree()):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and isinstance(node.func.value, ast.Attribute) and isinstance(node.func.value.value, ast.Attribute)
+                and node.func.value.value.attr == "ui"):
+            widget = node.func.value.attr
+            signal = node.args[0].value
+            cls = widgets[widget].get("class")
+            assert signal in KNOWN_SIGNALS.get(cls, set()), f"{widget} ({cls}) has no signal {signal}"
+
+
+def test_every_parameter_has_one_widget_and_every_bound_widget_a_parameter():
+    fields = parameter_fields(module_tree())
+    bound: dict[str, list[str]] = {}
+    for name, widget in ui_widgets().items():
+        parameter = dynamic_property(widget, "SlicerParameterName")
+        if parameter is not None:
+            bound.setdefault(parameter, []).append(name)
+    assert set(bound) == set(fields), (f"fields without widget: {set(fields) - set(bound)}; "
+                                       f"widgets bound to no field: {set(bound) - set(fields)}")
+    for parameter, names in bound.items():
+        assert len(names) == 1, f"{parameter} is bound to several widgets: {names}"
+
+
+def test_node_selectors_receive_the_scene():
+    root = ET.parse(UI_FILE).getroot()
+    selectors = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)" and c.findtext("sender") == "LightFusion"}
+    assert selectors and selectors <= connected, f"selectors without the scene: {selectors - connected}"
+
+
+def test_output_selector_offers_create_new_and_both_volume_kinds():
+    widget = ui_widgets()["outputSelector"]
+    props = {p.get("name"): p for p in widget.findall("property")}
+    assert props["noneEnabled"].findtext("bool") == "true"
+    assert props["noneDisplay"].findtext("string") == "Create new volume"
+    types_ = [s.text for s in props["nodeTypes"].iter("string")]
+    assert types_ == ["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"]
+
+
+# --------------------------------------------------------------------------------------------------
+# module structure
+
+def test_module_defines_the_slicer_classes_and_the_self_test_runs_all_its_tests():
+    tree = module_tree()
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    for name in ("LightFusion", "LightFusionWidget", "LightFusionTest", "LightFusionParameterNode"):
+        assert name in classes, name
+    bases = {n: [ast.unparse(b) for b in c.bases] for n, c in classes.items()}
+    assert bases["LightFusion"] == ["ScriptedLoadableModule"]
+    assert "ScriptedLoadableModuleWidget" in bases["LightFusionWidget"]
+    assert bases["LightFusionTest"] == ["ScriptedLoadableModuleTest"]
+    imported = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "LightFusionLogic" in imported  # Slicer looks the logic up in the module's namespace
+    test_methods = {f.name for f in classes["LightFusionTest"].body
+                    if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
+    run_test = next(f for f in classes["LightFusionTest"].body if isinstance(f, ast.FunctionDef) and f.name == "runTest")
+    called = {n.func.attr for n in ast.walk(run_test) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert test_methods and test_methods <= called, f"runTest skips {test_methods - called}"
+    widget = ast.unparse(classes["LightFusionWidget"])
+    assert "slicer.util.loadUI(self.resourcePath('UI/LightFusion.ui'))" in widget
+    assert "slicer.util.tryWithErrorDisplay(" in widget and ".connectGui(self.ui)" in widget
+
+
+def test_qt_free_package_imports_no_gui_modules():
+    for path in (MODULE_DIR / "LightFusionSlicerLib").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        modules |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not modules & {"qt", "ctk", "PythonQt"}, f"{path.name} imports Qt"
+        uses_app = any(isinstance(n, ast.Attribute) and n.attr == "app" and isinstance(n.value, ast.Name)
+                       and n.value.id == "slicer" for n in ast.walk(tree))
+        assert not uses_app, f"{path.name} uses slicer.app"
+
+
+def test_no_helper_script_at_the_module_top_level():
+    # Slicer loads every *.py at the top of a scripted-module folder as a module of its own.
+    assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["LightFusion.py"]
+
+
+# --------------------------------------------------------------------------------------------------
+# CMake
+
+def test_module_cmake_lists_every_script_and_resource():
+    cmake = MODULE_DIR / "CMakeLists.txt"
+    scripts = [s.replace("${MODULE_NAME}", "LightFusion") for s in cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")]
+    resources = [s.replace("${MODULE_NAME}", "LightFusion") for s in cmake_list(cmake, "MODULE_PYTHON_RESOURCES")]
+    on_disk = sorted(str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+    assert sorted(scripts) == on_disk
+    files = sorted(str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file())
+    assert sorted(resources) == files
+    text = cmake.read_text()
+    assert "slicerMacroBuildScriptedModule(" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    # the library goes to qt-scripted-modules/LightFusionLib, shared resources to qt-scripted-modules/Resources
+    assert "${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/LightFusionLib" in text
+    assert "Resources/Models/*.pt" in text and "Resources/SampleData/" in text
+
+
+def test_extension_cmake_has_the_metadata_and_the_module():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({variable} ", text), variable
+    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(LightFusion)",
+                 "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert line in text, line
+    assert "project(LightFusion)" in text
+
+
+def test_icon_is_a_128px_png():
+    data = (MODULE_DIR / "Resources" / "Icons" / "LightFusion.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (128, 128)
+
+
+# --------------------------------------------------------------------------------------------------
+# the module imported with stand-ins for the Slicer-only modules: typed checks
+
+@pytest.fixture(scope="module")
+def module():
+    """Import LightFusion.py with minimal qt/ctk/ScriptedLoadableModule/parameterNodeWrapper stand-ins."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed")
+    if not hasattr(slicer, "vtkMRMLScalarVolumeNode"):
+        pytest.skip("slicer-core wheel expected")
+
+    class _Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    stubs = {
+        "qt": types.ModuleType("qt"),
+        "ctk": types.ModuleType("ctk"),
+        "slicer.ScriptedLoadableModule": types.ModuleType("slicer.ScriptedLoadableModule"),
+        "slicer.parameterNodeWrapper": types.ModuleType("slicer.parameterNodeWrapper"),
+        "slicer.i18n": types.ModuleType("slicer.i18n"),
+    }
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest",
+                 "ScriptedLoadableModuleLogic"):
+        setattr(stubs["slicer.ScriptedLoadableModule"], name, type(name, (_Base,), {}))
+    stubs["slicer.parameterNodeWrapper"].parameterNodeWrapper = lambda cls: cls
+    stubs["slicer.i18n"].tr = lambda text: text
+    saved = {name: sys.modules.get(name) for name in [*stubs, "LightFusion", "LightFusionSlicerLib.logic"]}
+    package = importlib.import_module("LightFusionSlicerLib")
+    saved_attribute = getattr(package, "logic", None)
+    sys.modules.update(stubs)
+    sys.modules.pop("LightFusion", None)
+    sys.modules.pop("LightFusionSlicerLib.logic", None)  # re-import so its base class is the stand-in
+    try:
+        yield importlib.import_module("LightFusion")
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+        if saved_attribute is not None:
+            package.logic = saved_attribute
+
+
+def _connectable(widget_class: str, hint) -> bool:
+    """Whether parameterNodeWrapper has a connector for (widget class, type hint); see Slicer's
+    parameterNodeWrapper guiConnectors (QComboBox<->Enum, qMRMLNodeComboBox<->node or Union of nodes,
+    ctkPathLineEdit<->pathlib.Path...)."""
+    import slicer
+
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        return _connectable(widget_class, typing.get_args(hint)[0])
+    if origin is typing.Union:
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        return widget_class == "qMRMLNodeComboBox" and all(issubclass(a, slicer.vtkMRMLNode) for a in members)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return widget_class == "QComboBox"
+    if isinstance(hint, type) and issubclass(hint, slicer.vtkMRMLNode):
+        return widget_class == "qMRMLNodeComboBox"
+    if hint in (pathlib.Path, pathlib.PurePath):
+        return widget_class in ("ctkPathLineEdit", "ctkDirectoryButton")
+    return {bool: {"QCheckBox"}, int: {"QSpinBox", "QSlider"}, float: {"QDoubleSpinBox", "ctkSliderWidget"},
+            str: {"QLineEdit", "QTextEdit"}}.get(hint, set()) >= {widget_class}
+
+
+def test_parameter_types_are_bindable_to_their_widgets(module):
+    hints = typing.get_type_hints(module.LightFusionParameterNode, include_extras=True)
+    assert set(hints) == set(parameter_fields(module_tree()))
+    by_parameter = {dynamic_property(w, "SlicerParameterName"): w.get("class") for w in ui_widgets().values()}
+    for name, hint in hints.items():
+        assert _connectable(by_parameter[name], hint), f"{name}: {hint} cannot bind to {by_parameter[name]}"
+
+
+def test_enum_choices_match_the_library(module):
+    from LightFusionLib import backends
+    from LightFusionSlicerLib import logic
+
+    assert {t.value for t in module.FusionTask} == set(logic.TASKS) | {"custom"}
+    assert {t.value for t in module.ModelTask} == set(logic.TASKS)
+    assert tuple(a.value for a in module.SliceAxis) == logic.AXES
+    assert tuple(b.value for b in module.Backend) == backends.BACKENDS == logic.BACKENDS
+    assert tuple(d.value for d in module.Device) == backends.DEVICES == logic.DEVICES
+    for enum_class in (module.FusionTask, module.ModelTask, module.Colormap, module.SliceAxis, module.Backend,
+                       module.Device):
+        labels = [member.label() for member in enum_class]
+        assert all(labels) and len(set(labels)) == len(labels), enum_class
+    try:
+        colormaps = importlib.import_module("LightFusionLib.colormaps")
+    except ImportError:
+        pytest.skip("LightFusionLib.colormaps not available")
+    assert {c.value for c in module.Colormap} == set(colormaps.COLORMAPS) | {colormaps.NONE, "default"}
+
+
+def test_defaults_and_helpers(module):
+    fields = {f: getattr(module.LightFusionParameterNode, f, None) for f in ("task", "colormap", "axis", "backend",
+                                                                             "device")}
+    assert fields == {"task": module.FusionTask.PET_MRI, "colormap": module.Colormap.DEFAULT,
+                      "axis": module.SliceAxis.AXIAL, "backend": module.Backend.AUTO, "device": module.Device.AUTO}
+    assert module._modelPathOrNone(pathlib.Path()) is None
+    assert module._modelPathOrNone(None) is None
+    assert module._modelPathOrNone(pathlib.Path("/models/my.pt")) == "/models/my.pt"
+    assert module.LightFusionLogic.__name__ == "LightFusionLogic"
