@@ -438,6 +438,12 @@ def test_models_and_sample_data_are_found_beside_the_library():
 
 
 def test_sample_pair_lookup(tmp_path):
+    for name in ("mni152-t1.nrrd", "mni152-fdg-pet-sim.nrrd", "notes.md"):
+        (tmp_path / name).write_bytes(b"")
+    assert lf_logic.findSamplePair(tmp_path) == (tmp_path / "mni152-t1.nrrd", tmp_path / "mni152-fdg-pet-sim.nrrd",
+                                                 "pet-mri")
+    for path in tmp_path.iterdir():
+        path.unlink()
     for name in ("case1_MRI_T1.nrrd", "case1_PET.nii.gz", "case1_CT.nrrd", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     assert lf_logic.findSamplePair(tmp_path) == (tmp_path / "case1_MRI_T1.nrrd", tmp_path / "case1_PET.nii.gz",
@@ -483,3 +489,45 @@ def test_guess_inputs_by_name(scene):
     t1 = add_volume(np.ones((2, 2, 2)), None, "sub01_T1w")
     pet = add_volume(np.ones((2, 2, 2, 3), np.uint8), None, "sub01 PET (RGB)", "vtkMRMLVectorVolumeNode")
     assert lf_logic.guessInputs(scene) == (t1, pet)
+
+
+def write_sample_pair(folder):
+    """A small pair laid out like Resources/SampleData (RAS-stored uint8 T1, float SUV PET on another grid)."""
+    mri = sitk.GetImageFromArray(blob((12, 14, 11), np.uint8, seed=4, scale=200.0))
+    mri.SetSpacing((1.5, 1.5, 1.5))
+    mri.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    mri.SetOrigin((8.0, 10.0, -9.0))
+    pet = sitk.GetImageFromArray(blob((10, 12, 12), np.float32, seed=5, scale=9.0))
+    pet.SetSpacing((2.5, 2.5, 3.0))
+    pet.SetOrigin((-15.0, -15.0, -15.0))
+    sitk.WriteImage(mri, str(folder / "mni152-t1.nrrd"), useCompression=True)
+    sitk.WriteImage(pet, str(folder / "mni152-fdg-pet-sim.nrrd"), useCompression=True)
+    return mri
+
+
+def test_load_sample_data_and_fuse(scene, tmp_path):
+    if volume is None:
+        pytest.skip("LightFusionLib.volume not available")
+    reference = write_sample_pair(tmp_path)
+    logic = LightFusionLogic()
+    mri, pet, task = logic.loadSampleData(folder=tmp_path)
+    assert (mri.GetName(), pet.GetName(), task) == ("mni152-t1", "mni152-fdg-pet-sim", "pet-mri")
+    assert mri.GetClassName() == pet.GetClassName() == "vtkMRMLScalarVolumeNode"
+    image = mrml.imageFromVolumeNode(mri)
+    assert np.allclose(image.GetDirection(), reference.GetDirection())
+    assert np.allclose(image.GetOrigin(), reference.GetOrigin())
+    assert logic.loadSampleData(folder=tmp_path)[:2] == (mri, pet)  # loaded once, then reused
+    out = logic.process(mri, pet, task=task, backend=MeanBackend())
+    assert out.GetName() == "mni152-t1_mni152-fdg-pet-sim_fused"
+    assert np.allclose(node_matrix(out), node_matrix(mri))
+
+
+def test_bundled_sample_data_loads_if_present(scene):
+    folder = lf_logic.sampleDataDir()
+    try:
+        lf_logic.findSamplePair(folder)
+    except LightFusionInputError:
+        pytest.skip(f"no sample volumes in {folder} yet")
+    mri, other, task = LightFusionLogic().loadSampleData()
+    assert mri.GetClassName() == "vtkMRMLScalarVolumeNode" and task in lf_logic.TASKS
+    assert mri.GetImageData().GetNumberOfPoints() > 0 and other.GetImageData().GetNumberOfPoints() > 0

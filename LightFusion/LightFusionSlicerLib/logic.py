@@ -112,6 +112,7 @@ def gpuName() -> str | None:
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
 _TASK_OF_NAME = (("spect", "spect-mri"), ("pet", "pet-mri"), ("ct", "ct-mri"))
+_MRI_WORDS = ("mr", "t1", "t2")  # 'mri', 'mr', 'mprage'... and T1/T2-weighted names
 
 
 def _stem(path: Path) -> str:
@@ -129,8 +130,9 @@ def _tokens(path: Path) -> list[str]:
 def findSamplePair(folder: Path) -> tuple[Path, Path, str]:
     """(MRI file, PET/SPECT/CT file, task) among the volume files of ``folder``.
 
-    Names are split into words at non-alphanumerics: the MRI file has a word starting with 'mri', the
-    other a word starting with 'pet', 'spect' or 'ct' (PET preferred, then SPECT, then CT). Raises
+    Names are split into words at non-alphanumerics: the MRI file has a word starting with 'mr', 't1'
+    or 't2' (``mni152-t1.nrrd``), the other a word starting with 'pet', 'spect' or 'ct'
+    (``mni152-fdg-pet-sim.nrrd``; PET preferred, then SPECT, then CT). Raises
     LightFusionInputError naming the folder when no such pair is there.
     """
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)) \
@@ -141,11 +143,12 @@ def findSamplePair(folder: Path) -> tuple[Path, Path, str]:
         task = next((t for key, t in _TASK_OF_NAME for w in words if w.startswith(key)), None)
         if task is not None:
             others.setdefault(task, path)
-        elif any(w.startswith("mri") for w in words):
+        elif any(w.startswith(k) for w in words for k in _MRI_WORDS):
             mris.append(path)
     if not mris or not others:
         raise LightFusionInputError(
-            f"no sample MRI + PET/SPECT/CT volumes in {folder} (expected files such as mri.nrrd and pet.nrrd)")
+            f"no sample MRI + PET/SPECT/CT volumes in {folder} (expected files such as mni152-t1.nrrd and "
+            "mni152-fdg-pet-sim.nrrd)")
     task = next(t for t in ("pet-mri", "spect-mri", "ct-mri") if t in others)
     return mris[0], others[task], task
 
@@ -164,7 +167,7 @@ def guessInputs(scene) -> tuple[object | None, object | None]:
             if other is None and any(w.startswith(k) for w in words for k in ("pet", "spect", "ct")):
                 other = node
             elif (mri is None and className == mrml.SCALAR_CLASS
-                  and any(w.startswith(k) for w in words for k in ("mr", "t1", "t2"))):
+                  and any(w.startswith(k) for w in words for k in _MRI_WORDS)):
                 mri = node
     return mri, other
 
