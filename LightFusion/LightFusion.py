@@ -171,6 +171,7 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._running = False
+        self._cancelRequested = False
         self._deviceInfo = None
         self._gpuName = None
 
@@ -205,6 +206,7 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._running:
+            self._cancelRequested = True
             self.logic.cancel()
         self.setParameterNode(None)
 
@@ -348,6 +350,7 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self) -> None:
         """Apply runs the fusion; while it runs the same button cancels it."""
         if self._running:
+            self._cancelRequested = True  # also honoured if the fusion has not started yet
             self.logic.cancel()
             self.ui.applyButton.enabled = False
             self.ui.statusLabel.text = _("Cancelling...")
@@ -372,7 +375,8 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         p.mriVolume, p.otherVolume, p.outputVolume, task=self.effectiveTask(),
                         axis=p.axis.value, device=p.device.value, colormap=colormap,
                         progressCallback=self.onProgress, backend=p.backend.value,
-                        model=_modelPathOrNone(p.modelPath) if custom else None)
+                        model=_modelPathOrNone(p.modelPath) if custom else None,
+                        cancelCallback=lambda: self._cancelRequested)
                 except FusionCancelled:
                     self.ui.statusLabel.text = _("Cancelled after {s:.1f} s; nothing was changed.").format(
                         s=time.perf_counter() - started)
@@ -390,6 +394,7 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setRunning(self, running: bool) -> None:
         self._running = running
+        self._cancelRequested = False
         for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton,
                        self.ui.outputsCollapsibleButton):
             widget.enabled = not running

@@ -5,7 +5,9 @@
   parameterNodeWrapper's connectGui can bind to its type; node selectors get the scene;
 - the panel's choices match LightFusionLib (tasks, axes, backends, devices, colour maps);
 - CMake lists every module script and resource, and the layout LightFusionLib relies on;
-- LightFusionSlicerLib stays Qt-free.
+- LightFusionSlicerLib stays Qt-free;
+- the panel's behaviour (Apply -> Cancel while running, progress, status line, cancel, errors,
+  install offer, GPU name) with stand-in widgets around the real logic and a real MRML scene.
 
 ``LightFusion.py`` itself imports qt/ctk/slicer.ScriptedLoadableModule, which only exist inside
 Slicer: it is parsed with ``ast`` and, for the type checks, imported with minimal stand-ins for
@@ -360,3 +362,181 @@ def test_defaults_and_helpers(module):
     assert module._modelPathOrNone(None) is None
     assert module._modelPathOrNone(pathlib.Path("/models/my.pt")) == "/models/my.pt"
     assert module.LightFusionLogic.__name__ == "LightFusionLogic"
+
+
+# --------------------------------------------------------------------------------------------------
+# panel behaviour with stand-in widgets (real scene, real logic, fake Qt widgets and slicer.app)
+
+class FakeWidget:
+    """Just the widget API LightFusionWidget uses."""
+
+    def __init__(self, items=()):
+        self.enabled, self.visible, self.text, self.toolTip = True, True, "", ""
+        self.value, self.maximum = 0, 100
+        self.items = list(items)
+
+    def setVisible(self, visible):
+        self.visible = visible
+
+    def connect(self, signal, slot):
+        pass
+
+    @property
+    def count(self):
+        return len(self.items)
+
+    def itemText(self, index):
+        return self.items[index]
+
+    def setItemText(self, index, text):
+        self.items[index] = text
+
+
+class FakeApp:
+    def __init__(self):
+        self.on_process_events = None
+
+    def processEvents(self):
+        if self.on_process_events:
+            self.on_process_events()
+
+    def testingEnabled(self):
+        return True
+
+    def layoutManager(self):
+        return None
+
+
+@pytest.fixture
+def panel(module, monkeypatch):
+    slicer = pytest.importorskip("slicer")
+    try:
+        volume = importlib.import_module("LightFusionLib.volume")
+    except ImportError:
+        pytest.skip("LightFusionLib.volume not available")
+    import numpy as np
+
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    app = FakeApp()
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *a, **k: True)
+
+    widget = module.LightFusionWidget()
+    widget.ui = types.SimpleNamespace(**{name: FakeWidget() for name in EXPECTED_WIDGETS})
+    widget.ui.deviceComboBox.items = [d.label() for d in module.Device]
+    widget.logic = module.LightFusionLogic()
+
+    class MeanBackend:
+        name, device, task, preferred_batch = "fake", "cpu", "pet-mri", 2
+
+        def __call__(self, mri, other):
+            return (mri + other) / 2
+
+        def describe(self):
+            return "fake on cpu"
+
+    monkeypatch.setattr(widget.logic, "getBackend", lambda *a, **k: MeanBackend())
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in (6, 8, 7)], indexing="ij")
+    values = 100 * np.exp(-(i ** 2 + j ** 2 + k ** 2)) + np.linspace(0, 1, 6 * 8 * 7).reshape(6, 8, 7)
+    mri = slicer.util.addVolumeFromArray(values.astype(np.float32), np.diag([1.0, 1.2, 2.0, 1.0]), name="MRI")
+    pet = slicer.util.addVolumeFromArray(values[::-1].astype(np.float32), np.diag([1.0, 1.2, 2.0, 1.0]), name="PET")
+    widget._parameterNode = types.SimpleNamespace(
+        mriVolume=mri, otherVolume=pet, task=module.FusionTask.PET_MRI, modelPath=pathlib.Path(),
+        modelTask=module.ModelTask.PET_MRI, colormap=module.Colormap.DEFAULT, axis=module.SliceAxis.AXIAL,
+        backend=module.Backend.AUTO, device=module.Device.CPU, outputVolume=None)
+    monkeypatch.setattr(module._logic, "missingPackage", lambda backend="auto": None)
+    return types.SimpleNamespace(widget=widget, ui=widget.ui, p=widget._parameterNode, scene=scene, app=app,
+                                 volume=volume, module=module)
+
+
+def test_panel_enables_apply_only_for_complete_inputs(panel):
+    ui, p, widget, module = panel.ui, panel.p, panel.widget, panel.module
+    widget.updateGUIState()
+    assert ui.applyButton.enabled and ui.colormapComboBox.visible and not ui.modelPathLineEdit.visible
+    p.otherVolume = p.mriVolume
+    widget.updateGUIState()
+    assert not ui.applyButton.enabled and "two different" in ui.applyButton.toolTip
+    p.otherVolume = None
+    widget.updateGUIState()
+    assert not ui.applyButton.enabled and "PET, SPECT or CT" in ui.applyButton.toolTip
+    p.otherVolume = panel.scene.GetFirstNodeByName("PET")
+    p.task = module.FusionTask.CUSTOM
+    widget.updateGUIState()
+    assert ui.modelPathLineEdit.visible and ui.modelTaskComboBox.visible
+    assert not ui.applyButton.enabled and "model file" in ui.applyButton.toolTip
+    p.modelPath, p.modelTask = pathlib.Path("/models/mine.onnx"), module.ModelTask.CT_MRI
+    widget.updateGUIState()
+    assert ui.applyButton.enabled and not ui.colormapComboBox.visible  # CT: no colour map
+
+
+def test_panel_apply_runs_shows_progress_and_reports_time_and_device(panel):
+    ui, widget = panel.ui, panel.widget
+    seen = []
+    panel.app.on_process_events = lambda: seen.append((ui.applyButton.text, ui.progressBar.visible,
+                                                       ui.progressBar.value, ui.progressBar.maximum,
+                                                       ui.inputsCollapsibleButton.enabled))
+    count = panel.scene.GetNumberOfNodes()
+    widget.onApplyButton()
+    assert seen and all(text == "Cancel" and visible and not enabled for text, visible, _, _, enabled in seen)
+    assert seen[-1][2:4] == (6, 6)  # 6 axial planes done of 6
+    assert "fused in" in ui.statusLabel.text and "fake on cpu" in ui.statusLabel.text
+    assert ui.applyButton.text == "Apply" and ui.applyButton.enabled and not ui.progressBar.visible
+    assert ui.inputsCollapsibleButton.enabled
+    assert panel.scene.GetNumberOfNodes() > count
+    assert panel.scene.GetFirstNodeByName("MRI_PET_fused").GetClassName() == "vtkMRMLVectorVolumeNode"
+
+
+@pytest.mark.parametrize("when", ["while the model loads", "between batches"])
+def test_panel_cancel_button_stops_the_run_and_changes_nothing(panel, when):
+    ui, widget = panel.ui, panel.widget
+    clicks = []
+
+    def user_clicks_cancel():
+        started = ui.progressBar.value > 0
+        if not clicks and ui.applyButton.text == "Cancel" and started == (when == "between batches"):
+            clicks.append(1)
+            widget.onApplyButton()  # the same button, now labelled Cancel
+
+    panel.app.on_process_events = user_clicks_cancel
+    count = panel.scene.GetNumberOfNodes()
+    widget.onApplyButton()
+    assert clicks and "Cancelled" in ui.statusLabel.text and "nothing was changed" in ui.statusLabel.text
+    assert panel.scene.GetNumberOfNodes() == count
+    assert ui.applyButton.text == "Apply" and ui.applyButton.enabled and not ui.progressBar.visible
+
+
+def test_panel_error_is_raised_through_try_with_error_display_and_the_panel_recovers(panel):
+    import numpy as np
+    import slicer
+
+    ui, widget = panel.ui, panel.widget
+    panel.p.otherVolume = slicer.util.addVolumeFromArray(np.zeros((6, 8, 7), np.float32), name="flat PET")
+    with pytest.raises(panel.volume.VolumeError, match="empty"):
+        widget.onApplyButton()
+    assert ui.applyButton.text == "Apply" and ui.applyButton.enabled and ui.inputsCollapsibleButton.enabled
+
+
+def test_panel_offers_an_install_and_does_not_run_when_declined(panel, monkeypatch):
+    import slicer
+
+    monkeypatch.setattr(panel.module._logic, "missingPackage", lambda backend="auto": "torch")
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # PyTorch extension not installed
+    monkeypatch.delattr(slicer, "packaging", raising=False)
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or False)
+    installs = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: installs.append(a))
+    count = panel.scene.GetNumberOfNodes()
+    panel.widget.onApplyButton()
+    assert asked and "PyTorch" in asked[0] and not installs
+    assert "Not run" in panel.ui.statusLabel.text and panel.scene.GetNumberOfNodes() == count
+
+
+def test_panel_names_the_gpu_in_the_device_list(panel, monkeypatch):
+    monkeypatch.setattr(panel.module._logic, "isInstalled", lambda name: True)
+    monkeypatch.setattr(panel.module._logic, "gpuName", lambda: "NVIDIA H100")
+    monkeypatch.setattr(panel.module.slicer.util, "WaitCursor", lambda: __import__("contextlib").nullcontext())
+    panel.widget.onAdvancedCollapsed(False)
+    assert panel.ui.deviceInfoLabel.text == "CUDA GPU: NVIDIA H100"
+    assert panel.ui.deviceComboBox.items[2] == "CUDA GPU (NVIDIA H100)"
