@@ -10,14 +10,10 @@ the fused volume is put under the MRI's parent transform. A non-linear transform
 message asking to harden it. Requires a Slicer whose Python is 3.10 or newer.
 """
 import enum
-import logging
-import os
 import pathlib
 import time
-from typing import Annotated, Optional, Union
+from typing import Optional, Union
 
-import ctk
-import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode
