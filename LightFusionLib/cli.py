@@ -60,12 +60,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _window(text: str | None) -> tuple[float, float] | None:
+    """'LO,HI' -> (lo, hi); the volume module checks lo < hi."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"a window is two numbers LO,HI (e.g. 0,80), got {text!r}") from None
+    return lo, hi
+
+
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .volume import fuse_files
 
-    fuse_files(args.mri, args.other, args.output, task=args.task, model=args.model, axis=args.axis,
-               backend=args.backend, device=args.device, colormap=args.colormap, batch_size=args.batch_size,
-               progress=not args.quiet)
+    result = fuse_files(args.mri, args.other, args.output, task=args.task, model=args.model, axis=args.axis,
+                        backend=args.backend, device=args.device, colormap=args.colormap,
+                        batch_size=args.batch_size, progress=not args.quiet,
+                        mri_window=_window(args.mri_window), other_window=_window(args.other_window),
+                        plane_size=args.plane_size or None)
+    print(f"wrote {result.output}: {result.planes} {args.axis} planes in {result.seconds:.1f} s "
+          f"({result.planes_per_second:.1f} planes/s) with {result.backend}")
     return 0
 
 
@@ -146,22 +161,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("fuse", help="fuse two co-registered 3-D volumes")
+    p = sub.add_parser("fuse", help="fuse two co-registered 3-D volumes (output on the MRI grid)",
+                       description="Fuse an MRI with a PET/SPECT/CT volume that is already registered to it "
+                                   "(registration is not done here). Inputs: any format SimpleITK reads or a "
+                                   "DICOM series folder; the output format follows OUT's extension.")
     p.add_argument("mri", help="MRI volume (file or DICOM series folder)")
     p.add_argument("other", help="PET / SPECT / CT volume (file or DICOM series folder)")
-    p.add_argument("-o", "--output", required=True, help="output file; format from its extension")
+    p.add_argument("-o", "--output", required=True, help="output file (.nrrd, .nii.gz, .mha, ...)")
     p.add_argument("--task", default="pet-mri", choices=TASK_CHOICES)
-    p.add_argument("--model")
+    p.add_argument("--model", help="model file (.pt or .onnx) instead of the task's shipped model")
     p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
-    p.add_argument("--colormap", help="colour map for scalar PET/SPECT ('none' for grayscale output)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--colormap", help="colour map for scalar PET/SPECT: harvard-pet (PET default), "
+                                      "harvard-spect (SPECT default), hot, jet; 'none' for grayscale output")
+    p.add_argument("--batch-size", type=int, help="planes per network call (default: the backend's choice)")
+    p.add_argument("--mri-window", metavar="LO,HI", help="MRI intensity window (default: robust percentiles)")
+    p.add_argument("--other-window", metavar="LO,HI",
+                   help="PET/SPECT/CT window in its units (default: percentiles; CT in HU: 0,80)")
+    p.add_argument("--plane-size", type=int, default=256,
+                   help="planes run at N x N (aspect kept, padded); 0 = native size (default 256)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_fuse)
 
-    p = sub.add_parser("demo", help="fuse the bundled sample PET/MRI volumes")
-    p.add_argument("--out", default="lightfusion-demo", help="output folder")
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("demo", help="fuse the bundled sample PET/MRI volumes",
+                       description="Fuse the bundled sample pair (MNI152 T1 + simulated FDG-PET) and write "
+                                   "fused.nrrd, montage.png and metrics.json into --out.")
+    p.add_argument("--out", default="lightfusion-demo", help="output folder (created)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_demo)
 
