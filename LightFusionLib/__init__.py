@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "fuse_volumes": "volume",
     "FusionCancelled": "volume",
+    "VolumeError": "volume",
+    "fuse_files": "volume",
     "load_backend": "backends",
     "LightFusionNet": "network",
     "NetworkConfig": "network",

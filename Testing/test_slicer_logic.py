@@ -290,8 +290,6 @@ def test_ct_and_grayscale_fusion_give_scalar_nodes_with_window_level(scene, pair
     assert gray.GetName() == "MRI_PET_fused_1"  # unique names for repeated runs
 
 
-@pytest.mark.xfail(strict=False, reason="LightFusionLib.volume.prepare_pair turns colormap=None into 'none' before "
-                   "the RGB branch, so an RGB PET/SPECT is fused as grayscale (its docstring says: used as is)")
 def test_rgb_pet_input_gives_rgb_output(scene, pair):
     mri, _ = pair
     rgb = np.random.default_rng(3).integers(0, 256, (9, 12, 10, 3)).astype(np.uint8)
