@@ -385,6 +385,8 @@ class PlaneGrid:
         self.h, self.w = shape_hw
         self.sh, self.sw = spacing_hw
         self.size, self.interpolator = size, interpolator
+        if size is not None and (self.h, self.w) == (size, size) and abs(self.sh - self.sw) <= 1e-6 * self.sw:
+            self.size = size = None  # the plane already is the net grid: skip two resamplings per plane
         if size is None:
             return
         self.s = max(self.h * self.sh, self.w * self.sw) / size  # square pixel of the net grid

@@ -410,3 +410,12 @@ def test_bad_options_are_refused():
         fuse_volumes(mri, pet, colormap="viridis", backend=placeholder())
     with pytest.raises(VolumeError, match="not to CT-MRI"):
         fuse_volumes(mri, pet, task="ct-mri", colormap="hot", backend=placeholder("ct-mri"))
+
+
+def test_plane_already_on_the_net_grid_is_not_resampled():
+    planes = np.random.default_rng(0).random((2, 256, 256)).astype(np.float32)
+    grid = PlaneGrid((256, 256), (0.9, 0.9), 256)
+    assert np.array_equal(grid.to_net(planes), planes)
+    assert np.array_equal(grid.from_net(planes), planes)
+    # Anisotropic pixels still go through the resampler.
+    assert not np.array_equal(PlaneGrid((256, 256), (0.9, 1.8), 256).to_net(planes)[:, 128], planes[:, 128])
