@@ -27,13 +27,17 @@ class BackendUnavailable(RuntimeError):
     """The requested backend or device is not installed / not present."""
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def is_installed(module: str) -> bool:
+    """Is ``module`` importable? (Without importing it: torch alone takes seconds to import.)"""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # blocked, or a None placeholder in sys.modules
+        return False
 
 
 def cuda_available() -> bool:
     """True when torch sees a CUDA GPU (False when torch is not installed)."""
-    if not _has("torch"):
+    if not is_installed("torch"):
         return False
     import torch
 
@@ -58,7 +62,7 @@ def choose_backend(backend: str = "auto", device: str = "auto") -> tuple[str, st
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    has_torch, has_ort = _has("torch"), _has("onnxruntime")
+    has_torch, has_ort = is_installed("torch"), is_installed("onnxruntime")
     if backend == "auto":
         if device in ("auto", "cuda") and cuda_available():
             backend = "torch"
@@ -214,9 +218,9 @@ def load_backend(model: str | Path | None = None, task: str = "pet-mri", backend
             raise ValueError("an .onnx model runs on the onnx backend, not torch")
         backend = "onnx"
     if model is not None and Path(model).suffix.lower() != ".onnx" and backend == "auto":
-        backend = "torch" if _has("torch") else backend
+        backend = "torch" if is_installed("torch") else backend
     name, dev = choose_backend(backend, device)
-    if name == "onnx" and backend == "auto" and model is None and _has("torch"):
+    if name == "onnx" and backend == "auto" and model is None and is_installed("torch"):
         # 'auto' prefers ONNX Runtime on CPU, but only where the task's .onnx has been exported:
         # until then the shipped .pt on torch is the sensible choice, not an error.
         try:

@@ -5,7 +5,6 @@ Speed goals are measured here (and reported in docs), never asserted by timed te
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import resource
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import is_installed
 from .data import check_task
 
 
@@ -31,12 +31,12 @@ def machine_info() -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-    if importlib.util.find_spec("torch"):
+    if is_installed("torch"):
         import torch
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
-    if importlib.util.find_spec("onnxruntime"):
+    if is_installed("onnxruntime"):
         import onnxruntime
 
         info["onnxruntime"] = onnxruntime.__version__
@@ -131,7 +131,7 @@ def run_benchmark(task: str = "pet-mri", backend: str = "auto", device: str = "a
     task = check_task(task)
     batch_sizes = batch_sizes or [1, 4, 16]
     report: dict = {"task": task, "machine": machine_info(), "backends": {}}
-    if importlib.util.find_spec("torch"):
+    if is_installed("torch"):
         report.update(model_size(task))
     best, best_device = 0.0, None
     for name, dev in _available_backends(backend, device):
