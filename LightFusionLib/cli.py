@@ -22,11 +22,13 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .losses import LOSS_PRESETS, LossWeights
+    from .data import check_task
+    from .losses import LOSS_PRESETS, TASK_LOSS_PRESET, LossWeights
     from .network import NetworkConfig
     from .training import TrainConfig, train
 
-    weights = LOSS_PRESETS[args.loss_preset]
+    preset = args.loss_preset if args.loss_preset != "auto" else TASK_LOSS_PRESET[check_task(args.task)]
+    weights = LOSS_PRESETS[preset]
     weights = LossWeights(
         intensity=args.w_intensity if args.w_intensity is not None else weights.intensity,
         gradient=args.w_gradient if args.w_gradient is not None else weights.gradient,
@@ -126,17 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with MRI/ and PET/|SPECT/|CT/ (paired file names)")
     p.add_argument("--task", required=True, choices=TASK_CHOICES)
     p.add_argument("--out", required=True, help="model file to write (.pt)")
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=100, help="default 100 (paper: 200; see the model card)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="default 1e-3 (paper: 1e-4; see the model card)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", help="checkpoint to continue from (<out>.checkpoint.pt)")
     p.add_argument("--val-cases", help="comma-separated case ids held out for validation, e.g. 41")
     p.add_argument("--crops-per-image", type=int, default=1, help="random crops per image per epoch")
-    p.add_argument("--loss-preset", default="ablation", choices=["eq5", "ablation"],
-                   help="eq5: I20/G100/S50 (paper eq. 5); ablation: I100/G50/S20 (paper Table 5)")
+    p.add_argument("--loss-preset", default="auto", choices=["auto", "eq5", "ablation"],
+                   help="eq5: I20/G100/S50 (paper eq. 5); ablation: I100/G50/S20 (paper Table 5); "
+                        "auto: the one validated for the task (eq5 for PET/SPECT, ablation for CT)")
     p.add_argument("--w-intensity", type=float)
     p.add_argument("--w-gradient", type=float)
     p.add_argument("--w-ssim", type=float)

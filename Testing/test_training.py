@@ -76,3 +76,17 @@ def test_refuses_to_overwrite_without_force(tmp_path, data, capsys):
     assert out.read_bytes() == b"precious"
     assert main(args + ["--force"]) == 0
     assert read_model_file(out)["task"] == "pet-mri"
+
+
+def test_loss_weights_default_to_the_tasks_validated_preset(tmp_path):
+    from LightFusionLib.losses import PAPER_ABLATION, PAPER_EQ5
+
+    make_pairs(tmp_path / "ct", modality="CT")
+    make_pairs(tmp_path / "pet")
+    assert main(["train", "--data", str(tmp_path / "ct"), "--task", "ct-mri", "--out", str(tmp_path / "ct.pt"),
+                 "--epochs", "1", "--crop", "16", "--width", "8"]) == 0
+    assert main(["train", "--data", str(tmp_path / "pet"), "--task", "pet-mri", "--out", str(tmp_path / "pet.pt"),
+                 "--epochs", "1", "--crop", "16", "--width", "8", "--w-ssim", "7"]) == 0
+    assert read_model_file(tmp_path / "ct.pt")["meta"]["loss_weights"] == PAPER_ABLATION.to_dict()
+    pet = read_model_file(tmp_path / "pet.pt")["meta"]["loss_weights"]
+    assert pet == {**PAPER_EQ5.to_dict(), "ssim": 7.0}

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # How the shipped models in Resources/Models were made (see Resources/Models/README.md).
 # 1. Validation runs (settings chosen on held-out cases), 2. final models on all training pairs,
-# 3. ONNX export, 4. validation tables. Needs ../shared beside the repo; about 1 h on 2 CPU cores.
+# 3. ONNX export, 4. validation tables. Loss weights: eq. 5 for PET/SPECT, the ablation weighting for CT
+# (chosen on validation cases; --loss-preset auto). Needs ../shared beside the repo; about 1 h on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=../shared/data/harvard/train
-RECIPE="--lr 1e-3 --epochs 100 --loss-preset eq5 --batch-size 4 --crop 64 --seed 0 --threads 1 --val-every 25"
+RECIPE="--lr 1e-3 --epochs 100 --loss-preset auto --batch-size 4 --crop 64 --seed 0 --threads 1 --val-every 25"
 mkdir -p runs
 lightfusion train --data $D/PET-MRI --task pet-mri --out runs/pet-val.pt --val-cases 41 $RECIPE --force &
 lightfusion train --data $D/SPECT-MRI --task spect-mri --out runs/spect-val.pt --val-cases 4,18,35 $RECIPE --force &
