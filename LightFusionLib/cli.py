@@ -98,7 +98,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     report = run_benchmark(task=args.task, backend=args.backend, device=args.device,
                            batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                           volume=not args.no_volume, seconds=args.seconds)
+                           volume=not args.no_volume, seconds=args.seconds,
+                           volume_shape=tuple(int(v) for v in args.volume_size.split(",")))
     print(format_report(report))
     if args.json:
         _write_json(args.json, report)
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     p.add_argument("--no-volume", action="store_true", help="skip the end-to-end volume benchmark")
+    p.add_argument("--volume-size", default="256,256,256", help="X,Y,Z voxels of the synthetic MRI volume")
     p.add_argument("--json")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_benchmark)
