@@ -16,19 +16,10 @@ from LightFusionLib.demo import SAMPLE_MRI, SAMPLE_PET, sample_data_dir
 from LightFusionLib.metrics import METRIC_NAMES
 from LightFusionLib.models import models_dir
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SAMPLE = sample_data_dir()
 needs_sample = pytest.mark.skipif(not (SAMPLE / SAMPLE_MRI).is_file(), reason="sample data not made")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread while these tests run: the planes are tiny, and on a shared machine
-    two threads spend far longer waiting for each other (about 400 ms a call here) than computing."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write(path: Path, arr: np.ndarray, spacing=(1.0, 1.2, 2.0), origin=(0.0, 0.0, 0.0)) -> Path:

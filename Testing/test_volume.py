@@ -17,18 +17,9 @@ from LightFusionLib.volume import (CT_BRAIN_WINDOW, FUNCTIONAL_TOP_POSITION, Fus
                                    VolumeError, check_volume, fuse_files, fuse_volumes, prepare_pair,
                                    resample_onto, robust_window, same_grid, slicing_axis)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 OBLIQUE = sitk.Euler3DTransform((0, 0, 0), 0.35, -0.2, 0.15).GetMatrix()  # ~20, 11, 9 degrees
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread while these tests run: the planes are tiny, and on a shared machine
-    two threads spend far longer waiting for each other (about 400 ms a call here) than computing."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)
