@@ -59,3 +59,23 @@ sys.exit(main(["benchmark", "--backend", "torch", "--no-volume"]))
 """)
     assert result.returncode == 2
     assert "torch is not installed" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not ONNX.is_file(), reason="shipped ONNX model not present")
+def test_slicer_logic_fuses_on_onnx_runtime_alone():
+    pytest.importorskip("slicer", reason="slicer-core wheel not installed")
+    result = run_without_torch(f"""
+sys.path[:0] = [r"{REPO}", r"{REPO / 'LightFusion'}"]
+import numpy as np, slicer
+slicer.mrmlScene = slicer.vtkMRMLScene()
+from LightFusionSlicerLib.logic import LightFusionLogic
+rng = np.random.default_rng(0)
+mri = slicer.util.addVolumeFromArray((rng.random((5, 30, 40)) * 300).astype(np.float32), name="MRI")
+pet = slicer.util.addVolumeFromArray((rng.random((5, 30, 40)) * 5).astype(np.float32), name="PET")
+out = LightFusionLogic().process(mri, pet, task="pet-mri")
+assert "torch" not in sys.modules
+print(out.GetClassName(), slicer.util.arrayFromVolume(out).shape)
+""")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:1] == ["vtkMRMLVectorVolumeNode"]
+    assert "(5, 30, 40, 3)" in result.stdout
