@@ -429,7 +429,6 @@ def test_expected_output_class_and_missing_package_rules(monkeypatch):
 
 
 def test_models_and_sample_data_are_found_beside_the_library():
-    assert lf_logic.libraryRoot() == REPO
     assert lf_logic.modelsDir().resolve() == (REPO / "Resources" / "Models").resolve() or \
         "LIGHTFUSION_MODELS" in __import__("os").environ
     assert lf_logic.sampleDataDir() == REPO / "Resources" / "SampleData"

@@ -49,29 +49,12 @@ class LightFusionInputError(ValueError):
     """Unusable inputs or parameters; the message says what to change."""
 
 
-def libraryRoot() -> Path:
-    """Folder holding the LightFusionLib package (installed: qt-scripted-modules; checkout: the repo)."""
-    spec = importlib.util.find_spec("LightFusionLib")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("LightFusionLib is not importable: the LightFusion extension is incomplete")
-    return Path(list(spec.submodule_search_locations)[0]).resolve().parent
-
-
-def resourcesDir(kind: str) -> Path:
-    """``Resources/<kind>`` found the way ``LightFusionLib.models.models_dir()`` finds Models:
-    beside the LightFusionLib package, else inside it. (CMake installs Resources/Models and
-    Resources/SampleData next to LightFusionLib in qt-scripted-modules.)"""
-    root = libraryRoot()
-    for candidate in (root / "Resources" / kind, root / "LightFusionLib" / "Resources" / kind):
-        if candidate.is_dir():
-            return candidate
-    return root / "Resources" / kind
-
-
 def sampleDataDir() -> Path:
-    """Folder of the bundled sample volumes: $LIGHTFUSION_SAMPLE_DATA, else Resources/SampleData."""
-    env = os.environ.get("LIGHTFUSION_SAMPLE_DATA")
-    return Path(env) if env else resourcesDir("SampleData")
+    """Folder of the bundled sample volumes (LightFusionLib's own lookup, so the demo and the module
+    agree): $LIGHTFUSION_SAMPLE_DATA, else Resources/SampleData beside the LightFusionLib package."""
+    from LightFusionLib.demo import sample_data_dir
+
+    return sample_data_dir()
 
 
 def modelsDir() -> Path:
@@ -83,7 +66,9 @@ def modelsDir() -> Path:
 
 def isInstalled(package: str) -> bool:
     """Whether ``package`` can be imported, without importing it."""
-    return importlib.util.find_spec(package) is not None
+    from LightFusionLib.backends import is_installed
+
+    return is_installed(package)
 
 
 def missingPackage(backend: str = "auto") -> str | None:
