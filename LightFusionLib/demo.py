@@ -19,7 +19,7 @@ from .colour import luma
 from .fileio import atomic_output
 from .metrics import METRIC_NAMES, evaluate_fusion
 from .volume import (PlaneGrid, PreparedPair, VolumeError, _resolve_backend, fuse_prepared, prepare_pair,
-                     read_volume, slicing_axis, write_volume)
+                     progress_bar, read_volume, slicing_axis, write_volume)
 
 SAMPLE_MRI = "mni152-t1.nrrd"
 SAMPLE_PET = "mni152-fdg-pet-sim.nrrd"
@@ -132,22 +132,10 @@ def run_demo(out: str | Path = "lightfusion-demo", backend="auto", device: str =
     pair = prepare_pair(read_volume(mri_path, "MRI"), read_volume(pet_path, "PET"), "pet-mri")
     fuser = _resolve_backend(backend, model, "pet-mri", device)
     n = pair.reference.GetSize()[slicing_axis(pair.reference, "axial")]
-    bar = None
-    callback = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, unit="plane", desc=f"fusing ({fuser.describe()})", leave=False)
-
-        def callback(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-    try:
+    with progress_bar(n, f"fusing ({fuser.describe()})", bool(progress)) as callback:
         t0 = time.perf_counter()
         fused = fuse_prepared(pair, fuser, "axial", progress=callback)
         fuse_seconds = time.perf_counter() - t0
-    finally:
-        if bar is not None:
-            bar.close()
     fused_path = write_volume(fused, out / "fused.nrrd")
     montage_path = write_png(make_montage(pair, fused), out / "montage.png")
     t0 = time.perf_counter()

@@ -664,24 +664,25 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
     fuser = _resolve_backend(backend, model, task, device)
     n = pair.reference.GetSize()[slicing_axis(pair.reference, axis)]
 
-    bar = None
-    callback: ProgressFn | None = progress if callable(progress) else None
-    if progress is True:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, unit="plane", desc=f"fusing ({fuser.describe()})", leave=False)
-
-        def callback(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-    try:
+    with progress_bar(n, f"fusing ({fuser.describe()})", progress) as callback:
         t0 = time.perf_counter()
         fused = fuse_prepared(pair, fuser, axis, batch_size, callback, cancel, plane_size)
         seconds = time.perf_counter() - t0
-    finally:
-        if bar is not None:
-            bar.close()
     write_volume(fused, out_p)
     return FileFusion(out_p, n, seconds, fuser.describe(), pair.coverage)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, progress: bool | ProgressFn | None):
+    """Yield the ``progress(done, total)`` callback to use: a tqdm bar when ``progress`` is True,
+    the given callable as is, or None."""
+    if progress is not True:
+        yield progress if callable(progress) else None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="plane", desc=desc, leave=False) as bar:
+        yield lambda done, _total: bar.update(done - bar.n)
 
 
 def write_volume(image: sitk.Image, path: str | Path) -> Path:

@@ -20,7 +20,6 @@ Rules (see also :mod:`LightFusionSlicerLib.mrml`):
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
