@@ -75,7 +75,8 @@ def read_model_file(path: str | Path) -> dict:
 
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a model file is data; never run code from a file a user picked.
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         raise ModelError(f"model file {path} does not load: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -90,3 +90,17 @@ def test_loss_weights_default_to_the_tasks_validated_preset(tmp_path):
     assert read_model_file(tmp_path / "ct.pt")["meta"]["loss_weights"] == PAPER_ABLATION.to_dict()
     pet = read_model_file(tmp_path / "pet.pt")["meta"]["loss_weights"]
     assert pet == {**PAPER_EQ5.to_dict(), "ssim": 7.0}
+
+
+class NotAModel:
+    """Any pickled object other than plain data."""
+
+
+def test_model_files_are_loaded_as_data_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "lightfusion-model/1", "payload": NotAModel()}, path)
+    with pytest.raises(ModelError, match="does not load"):
+        read_model_file(path)
+    (tmp_path / "junk.pt").write_bytes(b"\x00not a model")
+    with pytest.raises(ModelError, match="does not load"):
+        load_model(tmp_path / "junk.pt", "pet-mri")
