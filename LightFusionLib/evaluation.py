@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES
-from .colour import merge_luma, rgb_to_yuv
+from .colour import luma, replace_luma
 from .data import check_task, find_pairs, load_pairs
 from .metrics import METRIC_NAMES, evaluate_fusion
 
@@ -51,8 +51,7 @@ def evaluate(data: str | Path, task: str, model: str | Path | None = None,
     arrays = load_pairs(pairs)
     mri = arrays.mri.astype(np.float32) / 255.0
     colour = arrays.other.ndim == 4
-    yuv = rgb_to_yuv(arrays.other) if colour else None
-    other_y = (yuv[..., 0] if colour else arrays.other.astype(np.float32)) / 255.0
+    other_y = luma(arrays.other) / 255.0
 
     net = None
     if "lightfusion" in methods:
@@ -67,7 +66,7 @@ def evaluate(data: str | Path, task: str, model: str | Path | None = None,
         t0 = time.perf_counter()
         fused_y = _fuse_method(method, mri, other_y, net)
         seconds = time.perf_counter() - t0
-        fused = merge_luma(fused_y * 255.0, yuv) if colour else np.clip(np.rint(fused_y * 255.0), 0, 255).astype(np.uint8)
+        fused = replace_luma(arrays.other, fused_y * 255.0) if colour else np.clip(np.rint(fused_y * 255.0), 0, 255).astype(np.uint8)
         scores = {k: [] for k in METRIC_NAMES}
         for i in tqdm(range(len(pairs)), desc=f"score {method}", disable=not progress, leave=False):
             for k, v in evaluate_fusion(fused[i], arrays.other[i], arrays.mri[i]).items():

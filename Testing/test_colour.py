@@ -1,7 +1,7 @@
-"""BT.601 YUV round trip and luma merge."""
+"""BT.601 YUV round trip and luma replacement."""
 import numpy as np
 
-from LightFusionLib.colour import luma, merge_luma, rgb_to_yuv, yuv_to_rgb
+from LightFusionLib.colour import luma, replace_luma, rgb_to_yuv, yuv_to_rgb
 
 
 def all_rgb_samples():
@@ -13,7 +13,7 @@ def test_round_trip_is_lossless():
     rgb = all_rgb_samples()
     back = yuv_to_rgb(rgb_to_yuv(rgb))
     assert np.abs(back - rgb).max() < 1e-3
-    assert np.array_equal(merge_luma(rgb_to_yuv(rgb)[..., 0], rgb_to_yuv(rgb)), rgb)
+    assert np.array_equal(replace_luma(rgb, rgb_to_yuv(rgb)[:, 0]), rgb)
 
 
 def test_luma_weights_and_gray_has_no_chroma():
@@ -23,11 +23,24 @@ def test_luma_weights_and_gray_has_no_chroma():
     assert np.allclose(luma(np.full((2, 2), 7, np.uint8)), 7)
 
 
-def test_merge_keeps_chroma_and_clips():
+def test_replacing_luma_equals_the_yuv_round_trip():
+    # Y enters R, G, B with weight 1 in the inverse transform: adding the luma change to each
+    # channel is the same as going through YUV with Y swapped.
+    rgb = all_rgb_samples()
+    new_y = np.random.default_rng(1).uniform(0, 255, len(rgb)).astype(np.float32)
+    yuv = rgb_to_yuv(rgb)
+    via_yuv = np.clip(np.rint(yuv_to_rgb(np.column_stack([new_y, yuv[:, 1:]]))), 0, 255)
+    out = replace_luma(rgb, new_y)
+    assert np.abs(out.astype(int) - via_yuv).max() <= 1  # only rounding ties may differ
+    assert np.mean(out != via_yuv) < 1e-3
+    assert np.array_equal(replace_luma(rgb, new_y, rgb_to_yuv(rgb)[:, 0]), out)
+
+
+def test_replacing_luma_keeps_chroma_and_clips():
     rgb = all_rgb_samples()
     yuv = rgb_to_yuv(rgb)
     new_y = np.full(len(rgb), 128.0, np.float32)
-    out = merge_luma(new_y, yuv)
+    out = replace_luma(rgb, new_y)
     assert out.dtype == np.uint8
     # Where no clipping happened, chroma is carried over (to uint8 rounding).
     out_yuv = rgb_to_yuv(out)

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from LightFusionLib.backends import BackendOutOfMemory, load_backend
 from LightFusionLib.colormaps import COLORMAPS, DEFAULT_COLORMAP, apply_colormap, lookup_table
 from LightFusionLib.colour import rgb_to_yuv
+from LightFusionLib.models import ModelError
 from LightFusionLib.volume import (CT_BRAIN_WINDOW, FUNCTIONAL_TOP_POSITION, FusionCancelled, PlaneGrid,
                                    VolumeError, check_volume, fuse_files, fuse_volumes, prepare_pair,
                                    resample_onto, robust_window, same_grid, slicing_axis)
@@ -255,6 +256,12 @@ def test_colour_maps_are_lookup_tables():
     np.testing.assert_allclose(pet[-1], [255, 0, 255])  # hottest: magenta, like the training PET
     assert DEFAULT_COLORMAP == {"pet-mri": "harvard-pet", "spect-mri": "harvard-spect"}
     np.testing.assert_allclose(apply_colormap(np.array([-1.0, 0.0, 1.0, 2.0]), pet), pet[[0, 0, -1, -1]])
+    # Between entries: linear interpolation (evaluated on a dense grid, so within 0.04 RGB units).
+    values = np.random.default_rng(0).random(100_000)
+    for name in COLORMAPS:
+        lut = lookup_table(name)
+        exact = np.stack([np.interp(values, np.linspace(0, 1, 256), lut[:, c]) for c in range(3)], -1)
+        assert np.abs(apply_colormap(values, lut) - exact).max() < 0.04
     with pytest.raises(ValueError, match="unknown colour map"):
         lookup_table("viridis")
 
@@ -323,6 +330,25 @@ def test_out_of_memory_halves_the_batch_and_finishes():
     np.testing.assert_array_equal(sitk.GetArrayFromImage(fused), sitk.GetArrayFromImage(reference))
     with pytest.raises(VolumeError, match="out of memory even for one plane"):
         fuse_volumes(mri, pet, backend=OutOfMemoryBackend(limit=0), plane_size=None)
+
+
+class FailingBackend(OutOfMemoryBackend):
+    """Fails with a model error on its second call (the network runs on its own thread)."""
+
+    def __call__(self, mri: np.ndarray, other: np.ndarray) -> np.ndarray:
+        if self.sizes:
+            raise ModelError("model broke on the second batch (simulated)")
+        return super().__call__(mri, other)
+
+
+def test_an_error_on_the_network_thread_reaches_the_caller():
+    mri = image(cylinder((11, 8, 9)))
+    pet = image(cylinder((11, 8, 9), seed=1) / 20)
+    calls = []
+    with pytest.raises(ModelError, match="second batch"):
+        fuse_volumes(mri, pet, backend=FailingBackend(limit=99), batch_size=4, plane_size=None,
+                     progress=lambda done, total: calls.append(done))
+    assert calls == [4]  # the first batch finished; nothing after the failure
 
 
 def test_progress_reports_every_batch_and_cancel_stops(tmp_path):
