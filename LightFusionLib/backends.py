@@ -111,7 +111,12 @@ class FusionBackend:
 
 
 class TorchBackend(FusionBackend):
-    """PyTorch eager inference (inference_mode, channels_last; fp16 on CUDA when ``half``)."""
+    """PyTorch eager inference (inference_mode, channels_last; fp16 on CUDA when ``half``).
+
+    fp16 stays within 1 grey level of fp32 (0-255 output): on 48 training pairs of each task the
+    largest difference was 0.66 (PET), 0.43 (SPECT) and 1.00 (CT), 4% of pixels rounding one
+    level apart. bf16 is not offered: up to 6 grey levels off.
+    """
 
     name = "torch"
 
@@ -125,7 +130,9 @@ class TorchBackend(FusionBackend):
         net, self.payload = load_model(model_path, task)
         if threads:
             torch.set_num_threads(threads)
-        self.half = half and device.startswith("cuda")
+        if half and not device.startswith("cuda"):
+            raise BackendUnavailable("half precision runs on a CUDA GPU only (on CPU torch emulates it, 40x slower)")
+        self.half = half
         self.net = net.to(device, memory_format=torch.channels_last)
         if self.half:
             self.net = self.net.half()
@@ -206,11 +213,12 @@ class OnnxBackend(FusionBackend):
 
 
 def load_backend(model: str | Path | None = None, task: str = "pet-mri", backend: str = "auto",
-                 device: str = "auto", **options) -> FusionBackend:
+                 device: str = "auto", half: bool = False, **options) -> FusionBackend:
     """Make a backend for ``task``'s shipped model or the model file ``model``.
 
     A ``.onnx`` model forces the onnx backend; a ``.pt`` model with backend 'onnx' is refused
-    (export it first with ``lightfusion export-onnx``).
+    (export it first with ``lightfusion export-onnx``). ``half``: fp16 inference, offered for
+    torch on CUDA (see :class:`TorchBackend`).
     """
     task = check_task(task)
     if model is not None and Path(model).suffix.lower() == ".onnx":
@@ -227,8 +235,10 @@ def load_backend(model: str | Path | None = None, task: str = "pet-mri", backend
             shipped_model_path(task, ".onnx")
         except ModelError:
             name, dev = choose_backend("torch", device)
+    if half and (name, dev) != ("torch", "cuda"):
+        raise BackendUnavailable(f"half precision runs on the torch backend on a CUDA GPU, not on {name} on {dev}")
     if name == "torch":
-        return TorchBackend(task, resolve_model_path(model, task, ".pt"), dev, **options)
+        return TorchBackend(task, resolve_model_path(model, task, ".pt"), dev, half=half, **options)
     if model is not None and Path(model).suffix.lower() != ".onnx":
         raise ValueError(f"backend 'onnx' needs an .onnx model, got {model}")
     return OnnxBackend(task, resolve_model_path(model, task, ".onnx"), dev, **options)

@@ -90,7 +90,7 @@ def _available_backends(backend: str, device: str) -> list[tuple[str, str]]:
     return found
 
 
-def volume_benchmark(task: str, backend: str, device: str, shape=(256, 256, 256)) -> dict:
+def volume_benchmark(task: str, backend: str, device: str, shape=(256, 256, 256), half: bool = False) -> dict:
     """End-to-end ``lightfusion fuse`` of a synthetic PET/MRI pair of ``shape`` (x, y, z) in a
     subprocess: wall seconds (read, resample, fuse, write; process start included) and peak RSS."""
     import SimpleITK as sitk
@@ -111,7 +111,7 @@ def volume_benchmark(task: str, backend: str, device: str, shape=(256, 256, 256)
         sitk.WriteImage(mri_img, f"{tmp}/mri.nrrd")
         sitk.WriteImage(sitk.Abs(pet), f"{tmp}/pet.nrrd")
         cmd = [sys.executable, "-m", "LightFusionLib", "fuse", f"{tmp}/mri.nrrd", f"{tmp}/pet.nrrd",
-               "-o", f"{tmp}/fused.nrrd", "--task", task, "--backend", backend, "--device", device, "--quiet"]
+               "-o", f"{tmp}/fused.nrrd", "--task", task, "--backend", backend, "--device", device, "--quiet"] + (["--half"] if half else [])
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         stderr = proc.stderr.read()
@@ -126,22 +126,24 @@ def volume_benchmark(task: str, backend: str, device: str, shape=(256, 256, 256)
 
 def run_benchmark(task: str = "pet-mri", backend: str = "auto", device: str = "auto",
                   batch_sizes: list[int] | None = None, volume: bool = True, seconds: float = 3.0,
-                  volume_shape: tuple[int, int, int] = (256, 256, 256)) -> dict:
-    """Measure every available backend (or only ``backend``). Returns the JSON-ready report."""
-    from .backends import load_backend
+                  volume_shape: tuple[int, int, int] = (256, 256, 256), half: bool = False) -> dict:
+    """Measure every available backend (or only ``backend``); with ``half``, torch on CUDA in fp16
+    alone. Returns the JSON-ready report."""
+    from .backends import choose_backend, load_backend
 
     task = check_task(task)
     batch_sizes = batch_sizes or [1, 4, 16]
-    report: dict = {"task": task, "machine": machine_info(), "backends": {}}
+    report: dict = {"task": task, "machine": machine_info(), "half": half, "backends": {}}
     if is_installed("torch"):
         report.update(model_size(task))
     best, best_device = 0.0, None
-    for name, dev in _available_backends(backend, device):
-        engine = load_backend(None, task, name, dev)
+    pairs = [choose_backend("torch", "cuda")] if half else _available_backends(backend, device)
+    for name, dev in pairs:
+        engine = load_backend(None, task, name, dev, half=half)
         rates = {str(b): round(slices_per_second(engine, b, seconds), 2) for b in batch_sizes}
         entry = {"device": dev, "slices_per_second_by_batch": rates}
         if volume:
-            entry["volume"] = volume_benchmark(task, name, dev, volume_shape)
+            entry["volume"] = volume_benchmark(task, name, dev, volume_shape, half)
         report["backends"][f"{name}-{dev}"] = entry
         if max(rates.values()) > best:
             best, best_device = max(rates.values()), f"{name}-{dev}"

@@ -120,7 +120,7 @@ def plane_metrics(pair: PreparedPair, fused: sitk.Image, axis: str = "axial",
 
 
 def run_demo(out: str | Path = "lightfusion-demo", backend="auto", device: str = "auto", progress: bool = True,
-             model: str | Path | None = None) -> dict:
+             model: str | Path | None = None, half: bool = False) -> dict:
     """Fuse the bundled pair (axial planes, PET-MRI model) and write fused.nrrd, montage.png and
     metrics.json into ``out`` (created). Prints where they went and the timing; returns the summary."""
     mri_path, pet_path = sample_paths()
@@ -130,7 +130,7 @@ def run_demo(out: str | Path = "lightfusion-demo", backend="auto", device: str =
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     pair = prepare_pair(read_volume(mri_path, "MRI"), read_volume(pet_path, "PET"), "pet-mri")
-    fuser = _resolve_backend(backend, model, "pet-mri", device)
+    fuser = _resolve_backend(backend, model, "pet-mri", device, half)
     n = pair.reference.GetSize()[slicing_axis(pair.reference, "axial")]
     with progress_bar(n, f"fusing ({fuser.describe()})", bool(progress)) as callback:
         t0 = time.perf_counter()

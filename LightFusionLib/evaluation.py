@@ -30,7 +30,7 @@ def _fuse_method(method: str, mri: np.ndarray, other_y: np.ndarray, backend) -> 
 def evaluate(data: str | Path, task: str, model: str | Path | None = None,
              methods: list[str] | None = None, backend: str = "auto", device: str = "auto",
              save_images: str | Path | None = None, cases: list[str] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, half: bool = False) -> dict:
     """Run each method over all pairs of ``data`` (optionally only ``cases``) and score it.
 
     Returns ``{"task", "pairs", "methods": {name: {metric: mean, ..., "seconds": float}}}``, metric
@@ -57,7 +57,7 @@ def evaluate(data: str | Path, task: str, model: str | Path | None = None,
     if "lightfusion" in methods:
         from .backends import load_backend
 
-        net = load_backend(model, task, backend, device)
+        net = load_backend(model, task, backend, device, half=half)
 
     report = {"task": task, "pairs": len(pairs), "methods": {}}
     if net is not None:

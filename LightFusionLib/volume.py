@@ -433,9 +433,9 @@ class PlaneGrid:
 # ----------------------------------------------------------------------------------------------
 # fusion
 # ----------------------------------------------------------------------------------------------
-def _resolve_backend(backend, model, task: str, device: str) -> FusionBackend:
+def _resolve_backend(backend, model, task: str, device: str, half: bool = False) -> FusionBackend:
     if isinstance(backend, str):
-        return load_backend(model, task, backend, device)
+        return load_backend(model, task, backend, device, half=half)
     if not callable(backend):
         raise TypeError(f"backend must be 'auto', 'torch', 'onnx' or a backend object, got {backend!r}")
     made_for = getattr(backend, "task", None)
@@ -548,7 +548,8 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
                  axis: str = "axial", backend: str | FusionBackend = "auto", device: str = "auto",
                  colormap: str | None = None, batch_size: int | None = None, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None, mri_window: tuple[float, float] | None = None,
-                 other_window: tuple[float, float] | None = None, plane_size: int | None = NET_SIZE) -> sitk.Image:
+                 other_window: tuple[float, float] | None = None, plane_size: int | None = NET_SIZE,
+                 half: bool = False) -> sitk.Image:
     """Fuse a 3-D MRI with a co-registered PET / SPECT / CT volume; the result lies on the MRI grid.
 
     Args:
@@ -570,6 +571,7 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
         mri_window, other_window: (lo, hi) intensity windows in the volumes' units (default: robust
             per-volume windows, see the module docstring).
         plane_size: planes are run at plane_size x plane_size (aspect kept, padded); None = native size.
+        half: fp16 inference (torch on CUDA only; within 1 grey level of fp32).
 
     Returns:
         SimpleITK image on the MRI grid: ``sitkVectorUInt8`` RGB for PET/SPECT (coloured or RGB
@@ -583,7 +585,7 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
     task = check_task(task)
     _check_options(axis, plane_size, batch_size)
     pair = prepare_pair(mri, other, task, colormap, mri_window, other_window)
-    fuser = _resolve_backend(backend, model, task, device)
+    fuser = _resolve_backend(backend, model, task, device, half)
     return fuse_prepared(pair, fuser, axis, batch_size, progress, cancel, plane_size)
 
 
@@ -667,7 +669,7 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
                device: str = "auto", colormap: str | None = None, batch_size: int | None = None,
                progress: bool | ProgressFn = False, cancel: CancelFn | None = None,
                mri_window: tuple[float, float] | None = None, other_window: tuple[float, float] | None = None,
-               plane_size: int | None = NET_SIZE) -> FileFusion:
+               plane_size: int | None = NET_SIZE, half: bool = False) -> FileFusion:
     """Read two volumes (any SimpleITK format or a DICOM series folder), fuse, write ``output``
     atomically in the format of its extension. ``progress=True`` shows a tqdm bar on stderr.
 
@@ -684,7 +686,7 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
     other_img = read_volume(other_p, task.split("-")[0].upper())
     pair = prepare_pair(mri_img, other_img, task, colormap, mri_window, other_window)
     check_output_format(out_p, pair.rgb_output)
-    fuser = _resolve_backend(backend, model, task, device)
+    fuser = _resolve_backend(backend, model, task, device, half)
     n = pair.reference.GetSize()[slicing_axis(pair.reference, axis)]
 
     with progress_bar(n, f"fusing ({fuser.describe()})", progress) as callback:

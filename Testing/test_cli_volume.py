@@ -196,6 +196,7 @@ BAD = [
     ("unknown colour map", None, None, ["--colormap", "viridis"], "unknown colour map"),
     ("bad window", None, None, ["--other-window", "5"], "LO,HI"),
     ("reversed window", None, None, ["--mri-window", "9,1"], "lo < hi"),
+    ("half precision without a GPU", None, None, ["--half"], "half precision runs on the torch backend on a CUDA GPU"),
 ]
 
 
