@@ -1,6 +1,8 @@
 """`lightfusion benchmark --json`: the report names the machine and carries the promised keys."""
 import json
 
+import pytest
+
 from LightFusionLib.cli import main
 
 
@@ -16,4 +18,20 @@ def test_benchmark_json_keys(tmp_path, capsys):
     entry = report["backends"]["torch-cpu"]
     assert set(entry["slices_per_second_by_batch"]) == {"1", "2"}
     assert report["machine"]["cpus"] >= 1 and report["machine"]["cpu"]
+    assert entry["network_ms_per_256_slices"] == round(256_000 / max(entry["slices_per_second_by_batch"].values()), 1)
     assert "slices/s" in capsys.readouterr().out
+
+
+def test_volume_benchmark_times_the_process_and_each_stage_in_process(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bench.json"
+    code = main(["benchmark", "--backend", "onnx", "--device", "cpu", "--batch-sizes", "2", "--seconds", "0.05",
+                 "--volume-size", "40,36,24", "--json", str(out)])
+    assert code == 0
+    volume = json.loads(out.read_text())["backends"]["onnx-cpu"]["volume"]
+    assert volume["shape"] == [40, 36, 24] and volume["peak_rss_mb"] > 50
+    warm = volume["warm"]
+    assert set(warm) == {"read", "prepare", "fuse", "write", "total"}
+    assert all(v >= 0 for v in warm.values())
+    assert warm["total"] == pytest.approx(sum(v for k, v in warm.items() if k != "total"), abs=0.01)
+    assert warm["total"] < volume["seconds"]  # no process start, no model load
