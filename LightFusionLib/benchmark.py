@@ -90,6 +90,26 @@ def _available_backends(backend: str, device: str) -> list[tuple[str, str]]:
     return found
 
 
+# ``lightfusion ARGS``, then the process's own peak RSS in kB as the last line on stderr. Not
+# wait4's ru_maxrss: Linux carries the parent's high-water mark into a (v)forked child, so a
+# parent holding torch inflated it by hundreds of MB. VmHWM belongs to the exec-ed image alone.
+_FUSE_REPORTING_PEAK = """
+import atexit, resource, sys
+from LightFusionLib.cli import main
+
+def report_peak():
+    try:
+        with open("/proc/self/status") as f:
+            kb = int(f.read().split("VmHWM:")[1].split()[0])
+    except (OSError, IndexError, ValueError):  # no procfs: the inherited-mark-prone fallback
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"peak_rss_kb={kb}", file=sys.stderr)
+
+atexit.register(report_peak)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def warm_stages(engine, mri_path: Path, pet_path: Path, out_path: Path, task: str) -> dict:
     """Seconds per stage of fusing a pair of files in this process with ``engine`` already loaded,
     as in Slicer from the second run on: read, prepare (resample, window), fuse (colour, planes,
@@ -132,17 +152,17 @@ def volume_benchmark(task: str, backend: str, device: str, shape=(256, 256, 256)
                             sitk.sitkLinear, (4.0, 4.0, 4.0), (2.0, 2.0, 2.0), mri_img.GetDirection())
         sitk.WriteImage(mri_img, f"{tmp}/mri.nrrd")
         sitk.WriteImage(sitk.Abs(pet), f"{tmp}/pet.nrrd")
-        cmd = [sys.executable, "-m", "LightFusionLib", "fuse", f"{tmp}/mri.nrrd", f"{tmp}/pet.nrrd",
-               "-o", f"{tmp}/fused.nrrd", "--task", task, "--backend", backend, "--device", device, "--quiet"] + (["--half"] if half else [])
+        args = ["fuse", f"{tmp}/mri.nrrd", f"{tmp}/pet.nrrd", "-o", f"{tmp}/fused.nrrd", "--task", task,
+                "--backend", backend, "--device", device, "--quiet"] + (["--half"] if half else [])
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        stderr = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the largest so far
+        proc = subprocess.run([sys.executable, "-c", _FUSE_REPORTING_PEAK, *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
         seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
-        if proc.returncode != 0:
-            raise RuntimeError(f"volume benchmark failed: {stderr.strip().splitlines()[-1:]}")
-        result = {"shape": list(shape), "seconds": round(seconds, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+        lines = proc.stderr.strip().splitlines()
+        if proc.returncode != 0 or not lines or not lines[-1].startswith("peak_rss_kb="):
+            raise RuntimeError(f"volume benchmark failed: {lines[-2:]}")
+        peak_kb = int(lines[-1].split("=")[1])
+        result = {"shape": list(shape), "seconds": round(seconds, 3), "peak_rss_mb": round(peak_kb / 1024, 1)}
         if engine is not None:
             result["warm"] = warm_stages(engine, Path(tmp, "mri.nrrd"), Path(tmp, "pet.nrrd"), Path(tmp, "warm.nrrd"), task)
     return result

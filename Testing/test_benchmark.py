@@ -1,6 +1,7 @@
 """`lightfusion benchmark --json`: the report names the machine and carries the promised keys."""
 import json
 
+import numpy as np
 import pytest
 
 from LightFusionLib.cli import main
@@ -25,11 +26,14 @@ def test_benchmark_json_keys(tmp_path, capsys):
 def test_volume_benchmark_times_the_process_and_each_stage_in_process(tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "bench.json"
+    ballast = np.ones(64_000_000)  # 512 MB here: the child's peak must not include this process's memory
     code = main(["benchmark", "--backend", "onnx", "--device", "cpu", "--batch-sizes", "2", "--seconds", "0.05",
                  "--volume-size", "40,36,24", "--json", str(out)])
+    del ballast
     assert code == 0
     volume = json.loads(out.read_text())["backends"]["onnx-cpu"]["volume"]
-    assert volume["shape"] == [40, 36, 24] and volume["peak_rss_mb"] > 50
+    assert volume["shape"] == [40, 36, 24]
+    assert 50 < volume["peak_rss_mb"] < 480  # Python, SimpleITK and ONNX Runtime alone take about 280 MB
     warm = volume["warm"]
     assert set(warm) == {"read", "prepare", "fuse", "write", "total"}
     assert all(v >= 0 for v in warm.values())
