@@ -1,4 +1,5 @@
 """Shared pytest fixtures."""
+import numpy as np
 import pytest
 
 
@@ -12,3 +13,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def sample_net_planes() -> tuple[np.ndarray, np.ndarray]:
+    """8 axial planes through the middle of the bundled PET/MRI pair as the network sees them:
+    MRI and coloured-PET luma, two (8, 256, 256) float32 stacks in [0, 1]."""
+    from LightFusionLib.demo import sample_paths
+    from LightFusionLib.volume import PlaneGrid, prepare_pair, read_volume
+
+    mri_path, pet_path = sample_paths()
+    pair = prepare_pair(read_volume(mri_path), read_volume(pet_path), "pet-mri")
+    middle = slice(pair.mri.shape[0] // 2 - 4, pair.mri.shape[0] // 2 + 4)
+    _, pet_luma = pair.other_colour(pair.other[middle])
+    spacing = pair.reference.GetSpacing()
+    grid = PlaneGrid(pair.mri.shape[1:], (spacing[1], spacing[0]))
+    return np.clip(grid.to_net(pair.mri[middle]), 0, 1), np.clip(grid.to_net(pet_luma / 255), 0, 1)

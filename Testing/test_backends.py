@@ -5,28 +5,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from LightFusionLib.backends import BackendUnavailable, load_backend  # noqa: E402
-from LightFusionLib.demo import sample_paths  # noqa: E402
 from LightFusionLib.models import load_model  # noqa: E402
-from LightFusionLib.volume import PlaneGrid, prepare_pair, read_volume  # noqa: E402
 
 
-def sample_planes(count: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` axial planes through the middle of the bundled PET/MRI pair, on the 256 net grid:
-    two (count, 256, 256) float32 stacks in [0, 1]."""
-    mri_path, pet_path = sample_paths()
-    pair = prepare_pair(read_volume(mri_path), read_volume(pet_path), "pet-mri")
-    mid = pair.mri.shape[0] // 2
-    mri = pair.mri[mid - count // 2: mid + count - count // 2]
-    rgb, y = pair.other_colour(pair.other[mid - count // 2: mid + count - count // 2])
-    spacing = pair.reference.GetSpacing()
-    grid = PlaneGrid(mri.shape[1:], (spacing[1], spacing[0]))
-    return np.clip(grid.to_net(mri), 0, 1), np.clip(grid.to_net(y / 255), 0, 1)
-
-
-def test_half_precision_stays_within_one_grey_level():
+def test_half_precision_stays_within_one_grey_level(sample_net_planes):
     # Measured here on the CPU, where torch emulates fp16 (slowly); CUDA computes the same format.
     net, _ = load_model(None, "pet-mri")
-    mri, pet = (torch.from_numpy(a)[:, None] for a in sample_planes())
+    mri, pet = (torch.from_numpy(a[:4])[:, None] for a in sample_net_planes)
     with torch.inference_mode():
         full = net(mri, pet).numpy() * 255
         half = net.half()(mri.half(), pet.half()).float().numpy() * 255
