@@ -126,12 +126,13 @@ class TorchBackend(FusionBackend):
 
         from .models import load_model
 
+        if half and not device.startswith("cuda"):
+            raise BackendUnavailable(f"half precision runs on the torch backend on a CUDA GPU, not on {device} "
+                                     "(torch emulates fp16 on a CPU, 40x slower)")
         super().__init__(task, model_path, device)
         net, self.payload = load_model(model_path, task)
         if threads:
             torch.set_num_threads(threads)
-        if half and not device.startswith("cuda"):
-            raise BackendUnavailable("half precision runs on a CUDA GPU only (on CPU torch emulates it, 40x slower)")
         self.half = half
         self.net = net.to(device, memory_format=torch.channels_last)
         if self.half:
@@ -235,10 +236,10 @@ def load_backend(model: str | Path | None = None, task: str = "pet-mri", backend
             shipped_model_path(task, ".onnx")
         except ModelError:
             name, dev = choose_backend("torch", device)
-    if half and (name, dev) != ("torch", "cuda"):
-        raise BackendUnavailable(f"half precision runs on the torch backend on a CUDA GPU, not on {name} on {dev}")
     if name == "torch":
         return TorchBackend(task, resolve_model_path(model, task, ".pt"), dev, half=half, **options)
+    if half:
+        raise BackendUnavailable(f"half precision runs on the torch backend on a CUDA GPU, not on onnx on {dev}")
     if model is not None and Path(model).suffix.lower() != ".onnx":
         raise ValueError(f"backend 'onnx' needs an .onnx model, got {model}")
     return OnnxBackend(task, resolve_model_path(model, task, ".onnx"), dev, **options)

@@ -23,6 +23,8 @@ so ``harvard-pet`` is the default for PET-MRI and ``harvard-spect`` for SPECT-MR
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # name -> per-channel (positions, values) in [0,1] x [0,255]; linear in between (matplotlib style).
@@ -72,6 +74,14 @@ def lookup_table(name: str, size: int = LUT_SIZE) -> np.ndarray:
 _DENSE_STEPS = 16384  # positions at which apply_colormap evaluates a table's interpolant
 
 
+@functools.lru_cache(maxsize=8)
+def _dense_table(lut_bytes: bytes, channels: int) -> np.ndarray:
+    """(_DENSE_STEPS, channels) linear interpolant of a table, built once per table, not per batch."""
+    lut = np.frombuffer(lut_bytes, np.float32).reshape(-1, channels)
+    grid, entries = np.linspace(0.0, 1.0, _DENSE_STEPS), np.linspace(0.0, 1.0, len(lut))
+    return np.stack([np.interp(grid, entries, lut[:, c]) for c in range(channels)], -1).astype(np.float32)
+
+
 def apply_colormap(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """Colour ``values`` (...) in [0, 1] with ``lut`` (K, 3) -> (..., 3) float32 RGB (0-255).
 
@@ -80,9 +90,7 @@ def apply_colormap(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
     the steepest map, and 10x faster than interpolating every voxel. Values outside [0, 1] are
     clamped to the ends of the map.
     """
-    grid = np.linspace(0.0, 1.0, _DENSE_STEPS)
-    entries = np.linspace(0.0, 1.0, len(lut))
-    dense = np.stack([np.interp(grid, entries, lut[:, c]) for c in range(lut.shape[1])], -1).astype(np.float32)
+    dense = _dense_table(np.ascontiguousarray(lut, np.float32).tobytes(), lut.shape[1])
     pos = np.clip(np.asarray(values, np.float32), 0.0, 1.0) * np.float32(_DENSE_STEPS - 1)
     pos += np.float32(0.5)  # round to the nearest grid position
     return np.take(dense, pos.astype(np.uint16), axis=0)

@@ -35,15 +35,20 @@ def replace_luma(source_rgb: np.ndarray, fused_y: np.ndarray, source_y: np.ndarr
     """
     rgb = np.asarray(source_rgb, np.float32)
     if source_y is None:
-        source_y = rgb @ _LUMA_F32
+        source_y = _rgb_luma(rgb)
     out = rgb + (np.asarray(fused_y, np.float32) - source_y)[..., None]
     np.rint(out, out=out)
     return np.clip(out, 0, 255, out=out).astype(np.uint8)
+
+
+def _rgb_luma(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> (...) float32 BT.601 luma."""
+    return rgb.astype(np.float32, copy=False) @ _LUMA_F32
 
 
 def luma(image: np.ndarray) -> np.ndarray:
     """Grayscale (...) passes through; RGB (..., 3) -> BT.601 luma. Returns float32 on the input scale."""
     image = np.asarray(image)
     if image.ndim >= 3 and image.shape[-1] == 3:
-        return image.astype(np.float32, copy=False) @ _LUMA_F32
+        return _rgb_luma(image)
     return image.astype(np.float32)
