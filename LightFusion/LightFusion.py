@@ -65,27 +65,38 @@ class LightFusion(ScriptedLoadableModule):
 #
 
 
-class FusionTask(enum.Enum):
+def _choiceLabel(value: str) -> str:
+    """Translated panel label of a choice value (one table for every choice below)."""
+    return {
+        "pet-mri": _("PET-MRI"), "spect-mri": _("SPECT-MRI"), "ct-mri": _("CT-MRI"), "custom": _("Custom model file"),
+        "default": _("Task default"), "harvard-pet": _("Harvard PET"), "harvard-spect": _("Harvard SPECT"),
+        "hot": _("Hot"), "jet": _("Jet"), "none": _("None (grayscale fusion)"),
+        "axial": _("Axial"), "coronal": _("Coronal"), "sagittal": _("Sagittal"),
+        "auto": _("Auto"), "torch": _("PyTorch"), "onnx": _("ONNX Runtime"), "cpu": _("CPU"), "cuda": _("CUDA GPU"),
+    }[value]
+
+
+class _LabelledChoice:
+    """Mixin: ``label()`` for an enum member shown in a combo box."""
+
+    def label(self) -> str:
+        return _choiceLabel(self.value)
+
+
+class FusionTask(_LabelledChoice, enum.Enum):
     PET_MRI = "pet-mri"
     SPECT_MRI = "spect-mri"
     CT_MRI = "ct-mri"
     CUSTOM = "custom"
 
-    def label(self):
-        return {"pet-mri": _("PET-MRI"), "spect-mri": _("SPECT-MRI"), "ct-mri": _("CT-MRI"),
-                "custom": _("Custom model file")}[self.value]
 
-
-class ModelTask(enum.Enum):
+class ModelTask(_LabelledChoice, enum.Enum):
     PET_MRI = "pet-mri"
     SPECT_MRI = "spect-mri"
     CT_MRI = "ct-mri"
 
-    def label(self):
-        return {"pet-mri": _("PET-MRI"), "spect-mri": _("SPECT-MRI"), "ct-mri": _("CT-MRI")}[self.value]
 
-
-class Colormap(enum.Enum):
+class Colormap(_LabelledChoice, enum.Enum):
     # values are LightFusionLib.colormaps names; DEFAULT = the task's own map
     DEFAULT = "default"
     HARVARD_PET = "harvard-pet"
@@ -94,36 +105,23 @@ class Colormap(enum.Enum):
     JET = "jet"
     NONE = "none"
 
-    def label(self):
-        return {"default": _("Task default"), "harvard-pet": _("Harvard PET"), "harvard-spect": _("Harvard SPECT"),
-                "hot": _("Hot"), "jet": _("Jet"), "none": _("None (grayscale fusion)")}[self.value]
 
-
-class SliceAxis(enum.Enum):
+class SliceAxis(_LabelledChoice, enum.Enum):
     AXIAL = "axial"
     CORONAL = "coronal"
     SAGITTAL = "sagittal"
 
-    def label(self):
-        return {"axial": _("Axial"), "coronal": _("Coronal"), "sagittal": _("Sagittal")}[self.value]
 
-
-class Backend(enum.Enum):
+class Backend(_LabelledChoice, enum.Enum):
     AUTO = "auto"
     TORCH = "torch"
     ONNX = "onnx"
 
-    def label(self):
-        return {"auto": _("Auto"), "torch": _("PyTorch"), "onnx": _("ONNX Runtime")}[self.value]
 
-
-class Device(enum.Enum):
+class Device(_LabelledChoice, enum.Enum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
-
-    def label(self):
-        return {"auto": _("Auto"), "cpu": _("CPU"), "cuda": _("CUDA GPU")}[self.value]
 
 
 @parameterNodeWrapper
