@@ -353,7 +353,7 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureInferencePackage(p.backend.value):
             self.ui.statusLabel.text = _("Not run: no inference backend installed.")
             return
-        from LightFusionLib.volume import FusionCancelled
+        from LightFusionLib.errors import FusionCancelled
 
         self.setRunning(True)
         started = time.perf_counter()
@@ -469,7 +469,7 @@ class LightFusionTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Sample fusion passed")
 
     def test_LightFusion_cancel_and_errors(self):
-        from LightFusionLib.volume import FusionCancelled
+        from LightFusionLib.errors import FusionCancelled
 
         mri, other, task = self._loadSamples()
         logic = LightFusionLogic()

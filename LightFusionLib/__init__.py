@@ -10,16 +10,21 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "fuse_volumes": "volume",
-    "FusionCancelled": "volume",
-    "VolumeError": "volume",
-    "fuse_files": "volume",
+    "fuse_volumes": "fusion",
+    "fuse_files": "fusion",
+    "prepare_pair": "fusion",
+    "FusionCancelled": "errors",
+    "VolumeError": "errors",
+    "LightFusionError": "errors",
+    "read_volume": "volumeio",
+    "write_volume": "volumeio",
     "load_backend": "backends",
     "LightFusionNet": "network",
     "NetworkConfig": "network",
     "evaluate_fusion": "metrics",
     "load_model": "models",
-    "TASKS": "data",
+    "TASKS": "tasks",
+    "get_task": "tasks",
 }
 
 

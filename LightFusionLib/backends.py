@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import check_task
+from .errors import LightFusionError
 from .models import ModelError, resolve_model_path, shipped_model_path
+from .tasks import check_task
 
 BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
@@ -23,7 +24,7 @@ class BackendOutOfMemory(RuntimeError):
     """The device ran out of memory for this batch; the caller may retry with a smaller one."""
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(LightFusionError):
     """The requested backend or device is not installed / not present."""
 
 

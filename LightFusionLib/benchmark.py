@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import is_installed
-from .data import check_task
+from .tasks import check_task
 
 
 def machine_info() -> dict:
@@ -114,7 +114,8 @@ def warm_stages(engine, mri_path: Path, pet_path: Path, out_path: Path, task: st
     """Seconds per stage of fusing a pair of files in this process with ``engine`` already loaded,
     as in Slicer from the second run on: read, prepare (resample, window), fuse (colour, planes,
     network), write, and their total."""
-    from .volume import fuse_prepared, prepare_pair, read_volume, write_volume
+    from .fusion import fuse_prepared, prepare_pair
+    from .volumeio import read_volume, write_volume
 
     times = [time.perf_counter()]
     mri, other = read_volume(mri_path), read_volume(pet_path)

@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from .data import TASKS
+from .tasks import TASK_NAMES
 
-TASK_CHOICES = list(TASKS)
+TASK_CHOICES = list(TASK_NAMES)
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -24,12 +24,12 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data import check_task
-    from .losses import LOSS_PRESETS, TASK_LOSS_PRESET, LossWeights
+    from .losses import LOSS_PRESETS, LossWeights
+    from .tasks import get_task
     from .network import NetworkConfig
     from .training import TrainConfig, train
 
-    preset = args.loss_preset if args.loss_preset != "auto" else TASK_LOSS_PRESET[check_task(args.task)]
+    preset = args.loss_preset if args.loss_preset != "auto" else get_task(args.task).loss_preset
     weights = LOSS_PRESETS[preset]
     weights = LossWeights(
         intensity=args.w_intensity if args.w_intensity is not None else weights.intensity,
@@ -76,7 +76,7 @@ def _window(text: str | None) -> tuple[float, float] | None:
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
-    from .volume import fuse_files
+    from .fusion import fuse_files
 
     result = fuse_files(args.mri, args.other, args.output, task=args.task, model=args.model, axis=args.axis,
                         backend=args.backend, device=args.device, colormap=args.colormap,
@@ -224,12 +224,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [DataError, ModelError, BackendUnavailable, FileExistsError,
                                          FileNotFoundError, PermissionError, ValueError]
-    try:
-        from .volume import FusionCancelled, VolumeError
+    from .errors import FusionCancelled, VolumeError
 
-        errors += [VolumeError, FusionCancelled]
-    except ImportError:
-        pass
+    errors += [VolumeError, FusionCancelled]
     return tuple(errors)
 
 

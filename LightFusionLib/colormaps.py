@@ -58,7 +58,6 @@ _CONTROL: dict[str, tuple[tuple[tuple[float, ...], tuple[float, ...]], ...]] = {
 
 COLORMAPS: tuple[str, ...] = tuple(_CONTROL)
 NONE = "none"  # no colour map: the PET/SPECT is fused as grayscale and the output is scalar
-DEFAULT_COLORMAP = {"pet-mri": "harvard-pet", "spect-mri": "harvard-spect"}
 LUT_SIZE = 256
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from .colour import luma
-
-TASKS = {"pet-mri": "PET", "spect-mri": "SPECT", "ct-mri": "CT"}
+from .errors import LightFusionError
+from .tasks import check_task, get_task
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-class DataError(ValueError):
+class DataError(LightFusionError):
     """A data folder that cannot be used; the message names the offending files."""
 
 
@@ -30,14 +30,6 @@ class Pair:
     @property
     def case(self) -> str:
         return case_of(self.name)
-
-
-def check_task(task: str) -> str:
-    """Normalise a task name ('PET-MRI', 'pet-mri', ...) or raise ValueError."""
-    key = task.strip().lower()
-    if key not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return key
 
 
 def case_of(name: str) -> str:
@@ -65,10 +57,10 @@ def find_pairs(data_dir: str | Path, task: str) -> list[Pair]:
         raise DataError(f"data folder {root} does not exist")
     if (root / task.upper()).is_dir() and not (root / "MRI").is_dir():
         root = root / task.upper()
-    other_dir = root / TASKS[task]
+    other_dir = root / get_task(task).modality
     missing = [str(d) for d in (root / "MRI", other_dir) if not d.is_dir()]
     if missing:
-        raise DataError(f"data folder {root} lacks {_describe(missing)} (expected MRI/ and {TASKS[task]}/)")
+        raise DataError(f"data folder {root} lacks {_describe(missing)} (expected MRI/ and {get_task(task).modality}/)")
     mri, other = _images_in(root / "MRI"), _images_in(other_dir)
     if not mri and not other:
         raise DataError(f"no images in {root / 'MRI'} or {other_dir}")

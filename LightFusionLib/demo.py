@@ -18,8 +18,10 @@ import SimpleITK as sitk
 from .colour import luma
 from .fileio import atomic_output
 from .metrics import METRIC_NAMES, evaluate_fusion
-from .volume import (PlaneGrid, PreparedPair, VolumeError, _resolve_backend, fuse_prepared, prepare_pair,
-                     progress_bar, read_volume, slicing_axis, write_volume)
+from .errors import VolumeError
+from .fusion import PreparedPair, fuse_prepared, prepare_pair, progress_bar, resolve_backend
+from .geometry import PlaneGrid, slicing_axis, to_canonical
+from .volumeio import read_volume, write_volume
 
 SAMPLE_MRI = "mni152-t1.nrrd"
 SAMPLE_PET = "mni152-fdg-pet-sim.nrrd"
@@ -83,6 +85,7 @@ def make_montage(pair: PreparedPair, fused: sitk.Image, point=None) -> np.ndarra
     """(3*CELL, 3*CELL, 3) uint8: rows axial / coronal / sagittal through ``point`` (default: the
     hottest PET region), columns MRI / functional (as the network saw it) / fused."""
     point = hottest_point(pair) if point is None else point
+    fused = to_canonical(fused)  # the pair's arrays are in the canonical orientation
     gray = lambda a: np.repeat(a[..., None], 3, axis=-1) if a.ndim == 3 else a  # noqa: E731
     volumes = [gray(np.rint(pair.mri * 255).astype(np.uint8)), gray(pair.other_display()),
                gray(sitk.GetArrayViewFromImage(fused))]
@@ -103,6 +106,7 @@ def plane_metrics(pair: PreparedPair, fused: sitk.Image, axis: str = "axial",
     (> 10% of its window) covers at least ``min_foreground`` of the plane -> (means, plane count).
     A = functional source as the network saw it, B = MRI, F = fused; all 0-255."""
     np_axis = 2 - slicing_axis(pair.reference, axis)
+    fused = to_canonical(fused)  # the pair's arrays are in the canonical orientation
     mri = np.moveaxis(pair.mri, np_axis, 0)
     other = np.moveaxis(pair.other_display(), np_axis, 0)
     out = np.moveaxis(sitk.GetArrayViewFromImage(fused), np_axis, 0)
@@ -130,7 +134,7 @@ def run_demo(out: str | Path = "lightfusion-demo", backend="auto", device: str =
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     pair = prepare_pair(read_volume(mri_path, "MRI"), read_volume(pet_path, "PET"), "pet-mri")
-    fuser = _resolve_backend(backend, model, "pet-mri", device, half)
+    fuser = resolve_backend(backend, model, "pet-mri", device, half)
     n = pair.reference.GetSize()[slicing_axis(pair.reference, "axial")]
     with progress_bar(n, f"fusing ({fuser.describe()})", bool(progress)) as callback:
         t0 = time.perf_counter()

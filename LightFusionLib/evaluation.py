@@ -13,7 +13,8 @@ import numpy as np
 
 from .baselines import BASELINES
 from .colour import luma, replace_luma
-from .data import check_task, find_pairs, load_pairs
+from .data import find_pairs, load_pairs
+from .tasks import check_task
 from .metrics import METRIC_NAMES, evaluate_fusion
 
 METHODS = ("lightfusion",) + tuple(BASELINES)

@@ -74,9 +74,6 @@ class LossWeights:
 PAPER_EQ5 = LossWeights(intensity=20.0, gradient=100.0, ssim=50.0)
 PAPER_ABLATION = LossWeights(intensity=100.0, gradient=50.0, ssim=20.0)
 LOSS_PRESETS = {"eq5": PAPER_EQ5, "ablation": PAPER_ABLATION}
-# Chosen per task on held-out validation cases (Resources/Models/README.md): eq. 5 on PET-MRI (7 of 11
-# metrics in the top two vs 6) and SPECT-MRI (8 vs 8, better on 7 of 11), Table 5 on CT-MRI (6 vs 3).
-TASK_LOSS_PRESET = {"pet-mri": "eq5", "spect-mri": "eq5", "ct-mri": "ablation"}
 
 
 class FusionLoss(nn.Module):

@@ -10,13 +10,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .data import check_task
+from .errors import LightFusionError
 from .fileio import atomic_output
+from .tasks import check_task
 
 FORMAT = "lightfusion-model/1"
 
 
-class ModelError(ValueError):
+class ModelError(LightFusionError):
     """A model file that cannot be used (unreadable, not a LightFusion model, wrong task)."""
 
 

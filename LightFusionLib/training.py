@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, check_task, find_pairs, load_pairs, random_crops, split_by_case, to_unit
+from .data import DataError, find_pairs, load_pairs, random_crops, split_by_case, to_unit
 from .fileio import atomic_output
-from .losses import LOSS_PRESETS, TASK_LOSS_PRESET, LossWeights
+from .losses import LOSS_PRESETS, LossWeights
+from .tasks import check_task, get_task
 from .models import read_model_file, save_model
 from .network import NetworkConfig
 
@@ -39,7 +40,7 @@ class TrainConfig:
     resume: Path | None = None
     val_cases: list[str] = field(default_factory=list)
     crops_per_image: int = 1
-    loss_weights: LossWeights | None = None  # None: the task's validated preset (TASK_LOSS_PRESET)
+    loss_weights: LossWeights | None = None  # None: the task's validated preset (Task.loss_preset)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     force: bool = False
     progress: bool = True
@@ -114,7 +115,7 @@ def train(cfg: TrainConfig) -> dict:
     model = LightFusionNet(cfg.network).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    loss_fn = FusionLoss(cfg.loss_weights or LOSS_PRESETS[TASK_LOSS_PRESET[task]])
+    loss_fn = FusionLoss(cfg.loss_weights or LOSS_PRESETS[get_task(task).loss_preset])
     start_epoch, history, elapsed = 0, [], 0.0
 
     if cfg.resume is not None:

@@ -20,7 +20,9 @@ def sample_net_planes() -> tuple[np.ndarray, np.ndarray]:
     """8 axial planes through the middle of the bundled PET/MRI pair as the network sees them:
     MRI and coloured-PET luma, two (8, 256, 256) float32 stacks in [0, 1]."""
     from LightFusionLib.demo import sample_paths
-    from LightFusionLib.volume import PlaneGrid, prepare_pair, read_volume
+    from LightFusionLib.fusion import prepare_pair
+    from LightFusionLib.geometry import PlaneGrid
+    from LightFusionLib.volumeio import read_volume
 
     mri_path, pet_path = sample_paths()
     pair = prepare_pair(read_volume(mri_path), read_volume(pet_path), "pet-mri")

@@ -223,10 +223,11 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, input
     (lambda t, mri: t / "no" / "such" / "folder" / "fused.nrrd", "does not exist"),
     (lambda t, mri: t / "fused.png", "cannot hold an RGB 3-D volume"),
     (lambda t, mri: t / "fused.jpg", "cannot write fused.jpg"),
-    (lambda t, mri: t / "fused.xyz", "cannot write fused.xyz"),
+    (lambda t, mri: t / "fused.xyz", "unknown output extension '.xyz'"),
+    (lambda t, mri: t / "fused", "has no extension"),
     (lambda t, mri: t / "fused.mhd", "header + data"),
     (lambda t, mri: t, "is a folder"),
-], ids=["onto an input", "missing folder", "2-D format", "JPEG", "unknown extension", "two-file format",
+], ids=["onto an input", "missing folder", "2-D format", "JPEG", "unknown extension", "no extension", "two-file format",
         "a folder"])
 def test_unusable_outputs_are_refused_before_any_work(tmp_path, capsys, inputs, target, words):
     mri, pet = inputs

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 torch = pytest.importorskip("torch")
 
 from LightFusionLib.backends import load_backend  # noqa: E402
-from LightFusionLib.volume import fuse_volumes  # noqa: E402
+from LightFusionLib.fusion import fuse_volumes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -48,7 +48,7 @@ def test_device_out_of_memory_halves_the_batch_until_it_fits(cpu_and_cuda, caplo
     free, _ = torch.cuda.mem_get_info()
     filler = torch.empty(max(0, free - 400 * 2**20), dtype=torch.uint8, device="cuda")
     try:
-        with caplog.at_level(logging.WARNING, logger="LightFusionLib.volume"):
+        with caplog.at_level(logging.WARNING, logger="LightFusionLib.fusion"):
             fused = fuse_volumes(mri, pet, backend=cuda, batch_size=64)
     finally:
         del filler

@@ -199,10 +199,10 @@ def test_geometry_conversion_is_exact_inverse():
 
 
 # --------------------------------------------------------------------------------------------------
-# LightFusionLogic (needs LightFusionLib.volume)
+# LightFusionLogic (needs LightFusionLib.fusion)
 
 try:
-    from LightFusionLib import volume
+    from LightFusionLib import fusion as volume
 except ImportError:  # the library's volume module is not there: the fusion tests skip, the rest runs
     volume = None
 from LightFusionSlicerLib import logic as lf_logic  # noqa: E402
@@ -233,7 +233,7 @@ def pair(scene):
     """Oblique anisotropic MRI, and a scalar PET on another (coarser, differently oriented) grid that
     covers it."""
     if volume is None:
-        pytest.skip("LightFusionLib.volume not available")
+        pytest.skip("LightFusionLib.fusion not available")
     mri_matrix = ijk_to_ras(spacing=(1.2, 1.0, 2.0), origin=(-10.0, -12.0, -8.0), angles=(0.2, -0.1, 0.3))
     mri = add_volume(blob((9, 12, 10), np.int16, seed=1), mri_matrix, "MRI")
     pet_matrix = ijk_to_ras(spacing=(2.0, 2.0, 2.5), origin=(-20.0, -20.0, -20.0), angles=(0.0, 0.0, 0.0))
@@ -504,7 +504,7 @@ def write_sample_pair(folder):
 
 def test_load_sample_data_and_fuse(scene, tmp_path):
     if volume is None:
-        pytest.skip("LightFusionLib.volume not available")
+        pytest.skip("LightFusionLib.fusion not available")
     reference = write_sample_pair(tmp_path)
     logic = LightFusionLogic()
     mri, pet, task = logic.loadSampleData(folder=tmp_path)

@@ -411,9 +411,9 @@ class FakeApp:
 def panel(module, monkeypatch):
     slicer = pytest.importorskip("slicer")
     try:
-        volume = importlib.import_module("LightFusionLib.volume")
+        volume = importlib.import_module("LightFusionLib.fusion")
     except ImportError:
-        pytest.skip("LightFusionLib.volume not available")
+        pytest.skip("LightFusionLib.fusion not available")
     import numpy as np
 
     scene = slicer.vtkMRMLScene()

@@ -1,4 +1,4 @@
-"""Volume fusion (LightFusionLib.volume, colormaps): geometry, resampling, slicing, windows, colour,
+"""Volume fusion (LightFusionLib.fusion, geometry, windows, colormaps): geometry, resampling, slicing, windows, colour,
 progress/cancel, out-of-memory fallback, bad input. Small synthetic volumes; the shipped models are
 untrained placeholders, so nothing here depends on fused values, only on what the pipeline
 guarantees around the network."""
@@ -11,12 +11,15 @@ import pytest
 import SimpleITK as sitk
 
 from LightFusionLib.backends import BackendOutOfMemory, load_backend
-from LightFusionLib.colormaps import COLORMAPS, DEFAULT_COLORMAP, apply_colormap, lookup_table
+from LightFusionLib.colormaps import COLORMAPS, apply_colormap, lookup_table
 from LightFusionLib.colour import rgb_to_yuv
 from LightFusionLib.models import ModelError
-from LightFusionLib.volume import (CT_BRAIN_WINDOW, FUNCTIONAL_TOP_POSITION, FusionCancelled, PlaneGrid,
-                                   VolumeError, check_volume, fuse_files, fuse_volumes, prepare_pair,
-                                   resample_onto, robust_window, same_grid, slicing_axis)
+from LightFusionLib.tasks import TASKS
+from LightFusionLib.errors import FusionCancelled, VolumeError
+from LightFusionLib.fusion import fuse_files, fuse_volumes, prepare_pair
+from LightFusionLib.geometry import PlaneGrid, resample_onto, same_grid, slicing_axis, to_canonical
+from LightFusionLib.volumeio import check_volume
+from LightFusionLib.windows import CT_BRAIN_WINDOW, FUNCTIONAL_TOP_POSITION, robust_window
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,10 +223,11 @@ def test_windows_are_per_volume_so_dim_slices_stay_dim():
     mri = image(base * scale, mri.GetSpacing(), mri.GetOrigin(), mri.GetDirection())
     pet = image(np.clip(base / 20, 0, None) * scale, mri.GetSpacing(), mri.GetOrigin(), mri.GetDirection())
     p = prepare_pair(mri, pet)
-    peaks = p.mri.reshape(6, -1).max(1)
+    # The pair's arrays are in the canonical orientation: compare the slices' peaks in order of scale.
+    peaks = np.sort(p.mri.reshape(6, -1).max(1))
     assert peaks[0] < 0.5 * peaks[3]  # per-slice normalisation would stretch every slice to 1
     np.testing.assert_allclose(peaks[:3] / peaks[3], [0.25, 0.5, 0.75], atol=0.05)
-    other_peaks = p.other.reshape(6, -1).max(1)
+    other_peaks = np.sort(p.other.reshape(6, -1).max(1))
     np.testing.assert_allclose(other_peaks[:3] / other_peaks[3], [0.25, 0.5, 0.75], atol=0.05)
 
 
@@ -254,7 +258,7 @@ def test_colour_maps_are_lookup_tables():
     pet = lookup_table("harvard-pet")
     np.testing.assert_allclose(pet[0], [0, 0, 0])
     np.testing.assert_allclose(pet[-1], [255, 0, 255])  # hottest: magenta, like the training PET
-    assert DEFAULT_COLORMAP == {"pet-mri": "harvard-pet", "spect-mri": "harvard-spect"}
+    assert {t.name: t.default_colormap for t in TASKS.values()} == {"pet-mri": "harvard-pet", "spect-mri": "harvard-spect", "ct-mri": None}
     np.testing.assert_allclose(apply_colormap(np.array([-1.0, 0.0, 1.0, 2.0]), pet), pet[[0, 0, -1, -1]])
     # Between entries: linear interpolation (evaluated on a dense grid, so within 0.04 RGB units).
     values = np.random.default_rng(0).random(100_000)
@@ -278,7 +282,8 @@ def test_colour_of_a_scalar_pet_is_carried_exactly():
     mri, pet = pair(shape=(4, 10, 9))
     p = prepare_pair(mri, pet)
     assert p.colormap == "harvard-pet"
-    out = sitk.GetArrayFromImage(fuse_volumes(mri, pet, backend=placeholder(), plane_size=None))
+    fused = fuse_volumes(mri, pet, backend=placeholder(), plane_size=None)
+    out = sitk.GetArrayFromImage(to_canonical(fused))  # the pair's arrays are canonical
     coloured = apply_colormap(p.other, p.lut)
     error, n = _unclipped_uv_error(out, coloured)
     assert n > 0.3 * out[..., 0].size

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from LightFusionLib.tasks import TASK_NAMES as TASKS  # the one list of tasks
+from LightFusionLib.tasks import get_task
+
 from . import mrml
 
 try:  # inside Slicer: the usual base class (gives getParameterNode(), moduleName...)
@@ -38,7 +41,6 @@ except ImportError:  # slicer-core wheel / plain Python: the base class needs Qt
             self.parent = parent
             self.moduleName = "LightFusion"
 
-TASKS = ("pet-mri", "spect-mri", "ct-mri")
 AXES = ("axial", "coronal", "sagittal")
 BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
@@ -161,9 +163,9 @@ def fusedVolumeName(mriNode, otherNode) -> str:
 
 
 def expectedOutputClass(task: str, colormap: str | None) -> str:
-    """Node class the fusion will produce (LightFusionLib.volume's rule): scalar for CT-MRI and for
+    """Node class the fusion will produce (LightFusionLib.fusion's rule): scalar for CT-MRI and for
     colour map 'none' (grayscale fusion, also of an RGB input's luma), RGB vector otherwise."""
-    if task == "ct-mri" or (colormap or "").strip().lower() == "none":
+    if not get_task(task).functional or (colormap or "").strip().lower() == "none":
         return mrml.SCALAR_CLASS
     return mrml.VECTOR_CLASS
 
@@ -172,7 +174,8 @@ class LightFusionLogic(_LogicBase):
     """Computation of the LightFusion module; usable without the widget (console, tests, scripts).
 
     Attributes after a successful :meth:`process`: ``lastRun`` = dict(seconds, device, backend,
-    outputNodeID).
+    outputNodeID, warnings); ``lastWarnings``: the input warnings of the last run (also logged), one
+    line each, e.g. a pair that looks misaligned or swapped.
     """
 
     def __init__(self, parent=None) -> None:
@@ -180,6 +183,7 @@ class LightFusionLogic(_LogicBase):
         self._backends: dict[tuple, object] = {}
         self._cancelRequested = False
         self.lastRun: dict | None = None
+        self.lastWarnings: list[str] = []  # input warnings of the last process() (suspicious but usable input)
 
     # -- cancellation ---------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -241,9 +245,10 @@ class LightFusionLogic(_LogicBase):
         :raises LightFusionInputError / VolumeNodeError / LightFusionLib errors (ValueError) for
             unusable input; FusionCancelled when cancelled.
         """
-        from LightFusionLib.volume import fuse_volumes
+        from LightFusionLib.fusion import fuse_prepared, prepare_pair, resolve_backend
 
         started = time.perf_counter()
+        self.lastWarnings = []
         self._cancelRequested = False  # a Cancel pressed while the model loads still counts
         mriNode = self._resolveNode(mriNode, "MRI")
         otherNode = self._resolveNode(otherNode, "PET/SPECT/CT")
@@ -262,7 +267,8 @@ class LightFusionLogic(_LogicBase):
         otherImage = mrml.imageFromVolumeNode(otherNode, "PET/SPECT/CT")
         mriToWorld = mrml.parentTransformToWorld(mriNode)
 
-        backendObject = backend if not isinstance(backend, str) else self.getBackend(task, model, backend, device)
+        backendObject = (resolve_backend(backend, None, task, device) if not isinstance(backend, str)
+                         else self.getBackend(task, model, backend, device))
 
         def cancelled() -> bool:
             return self._cancelRequested or bool(cancelCallback and cancelCallback())
@@ -273,9 +279,11 @@ class LightFusionLogic(_LogicBase):
 
         logging.info(f"LightFusion: {task} fusion of {otherNode.GetName()} into {mriNode.GetName()} "
                      f"({axis}, {self.describeBackend(backendObject)})")
-        fused = fuse_volumes(mriImage, otherImage, task=task, model=None, axis=axis, backend=backendObject,
-                             device=device, colormap=colormap, batch_size=batchSize, progress=progress,
-                             cancel=cancelled)
+        pair = prepare_pair(mriImage, otherImage, task, colormap)
+        for warning in pair.warnings:  # the library logs them too (Python log); the panel shows lastWarnings
+            logging.warning(f"LightFusion: {warning}")
+        self.lastWarnings = list(pair.warnings)
+        fused = fuse_prepared(pair, backendObject, axis, batchSize, progress, cancelled)
 
         resultClass = mrml.outputClassForImage(fused)
         if outputNode is not None and outputNode.GetClassName() != resultClass:  # prediction was wrong
@@ -309,7 +317,7 @@ class LightFusionLogic(_LogicBase):
         seconds = time.perf_counter() - started
         self.lastRun = {"seconds": seconds, "device": self.describeBackend(backendObject),
                         "backend": getattr(backendObject, "name", str(backendObject)),
-                        "outputNodeID": node.GetID()}
+                        "outputNodeID": node.GetID(), "warnings": list(self.lastWarnings)}
         logging.info(f"LightFusion: {node.GetName()} done in {seconds:.1f} s on {self.lastRun['device']}")
         return node
 

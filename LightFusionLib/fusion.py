@@ -1,0 +1,468 @@
+"""Volume fusion: an MRI and a co-registered PET / SPECT / CT volume in, one fused volume out.
+
+One entry point, :func:`fuse_volumes` (SimpleITK images in and out), and its file wrapper
+:func:`fuse_files` (what ``lightfusion fuse`` runs). Both go through :func:`prepare_pair` (check,
+orient, window, resample; input warnings) and :func:`fuse_prepared` (planes through the network).
+
+Pipeline
+--------
+1. Both volumes are checked (:func:`LightFusionLib.volumeio.check_volume`): 3-D, finite, not
+   constant; the MRI scalar; the other scalar, or 8-bit RGB for PET/SPECT.
+2. Suspicious inputs are warned about, never silently fused: a DICOM Modality that does not fit the
+   argument order or the task (e.g. the MRI is a PT series: swapped?), a PET/SPECT holding
+   Hounsfield-unit air (a CT?), an MRI that looks like a HU CT, a CT not in HU, a pair that is
+   clearly not aligned (:mod:`LightFusionLib.alignment`), a PET covering little of the MRI.
+3. Both volumes are taken to the canonical anatomical orientation (:mod:`LightFusionLib.geometry`),
+   so the storage order of the voxels never changes the result.
+4. Each volume's intensity window is decided from its own voxels (:mod:`LightFusionLib.windows`),
+   before any resampling: cropping the MRI does not change how the PET or CT looks.
+5. ``other`` is resampled onto the MRI grid (SimpleITK, linear); MRI voxels outside its field of
+   view get its minimum. Volumes that do not overlap are refused. **Registration is not done
+   here**: the volumes must already be aligned in physical space.
+6. A scalar PET/SPECT is coloured (default: the training images' map, the task's), its luma Y
+   fused with the MRI and put back with the original chroma
+   (:func:`LightFusionLib.colour.replace_luma`). An 8-bit RGB PET/SPECT is used as is.
+   ``colormap="none"`` fuses the windowed PET/SPECT as grayscale.
+7. Planes along the anatomical ``axis`` go to the network in batches at ``plane_size`` x
+   ``plane_size`` (256, the paper's resolution; :class:`LightFusionLib.geometry.PlaneGrid`) and
+   back. A non-finite value is never cast to uint8: it stops the run with an error.
+8. The result lies on the MRI grid exactly: RGB ``sitkVectorUInt8`` for PET/SPECT with a colour
+   map or RGB input, otherwise scalar ``sitkUInt8`` (CT-MRI, ``colormap="none"``).
+
+Planes that are blank in both inputs (all 0 after windowing) are not sent to the network; their
+fused value is 0. Memory: the two normalised volumes and the output are held in full (11 bytes
+per MRI voxel for coloured PET/SPECT, 9 for CT or grayscale); everything else is per batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .backends import BackendOutOfMemory, FusionBackend, load_backend
+from .colormaps import NONE, apply_colormap, lookup_table
+from .colour import luma, replace_luma
+from .errors import FusionCancelled, VolumeError
+from .fileio import same_path
+from .geometry import (NET_SIZE, PlaneGrid, check_axis, describe_bounds, from_canonical, resample_onto,
+                       slicing_axis, to_canonical)
+from .tasks import MRI_DICOM_MODALITIES, Task, get_task
+from .volumeio import check_output_format, check_output_path, check_volume, read_volume, write_volume
+from .windows import apply_window, check_window, looks_like_hu, robust_window, voxel_sample
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+LOW_COVERAGE = 0.5  # warn when the other volume covers less of the MRI grid than this
+
+__all__ = ["FusionCancelled", "VolumeError", "PreparedPair", "prepare_pair", "fuse_prepared", "fuse_volumes",
+           "fuse_files", "FileFusion", "input_warnings"]
+
+
+# ----------------------------------------------------------------------------------------------
+# warnings about inputs that look wrong
+# ----------------------------------------------------------------------------------------------
+def _dicom_modality(image: sitk.Image) -> str | None:
+    key = "0008|0060"
+    return image.GetMetaData(key).strip().upper() or None if image.HasMetaDataKey(key) else None
+
+
+def input_warnings(mri: sitk.Image, other: sitk.Image, task: str | Task) -> list[str]:
+    """Warnings (one line each) about a checked pair that is usable but looks wrong: the DICOM
+    Modality against the argument order and the task; without headers, Hounsfield-unit air where it
+    does not belong (only evidence that is reliable: no warning on any real aligned pair we test)."""
+    task = get_task(task)
+    found = []
+    mri_modality, other_modality = _dicom_modality(mri), _dicom_modality(other)
+    if mri_modality and mri_modality not in MRI_DICOM_MODALITIES:
+        swapped = other_modality in MRI_DICOM_MODALITIES
+        found.append(f"the MRI volume is a DICOM {mri_modality} series, not MR"
+                     + ("; the two volumes look swapped (give the MRI first)" if swapped else ""))
+    if other_modality and other_modality not in task.dicom_modalities:
+        if other_modality in MRI_DICOM_MODALITIES:
+            found.append(f"the {task.modality} volume is a DICOM MR series; are the two volumes swapped "
+                         "(the MRI goes first)?")
+        else:
+            expected = "/".join(task.dicom_modalities)
+            found.append(f"the {task.modality} volume is a DICOM {other_modality} series, not {expected}; "
+                         f"check --task (it is {task.name})")
+    if other.GetNumberOfComponentsPerPixel() == 1:
+        other_hu = looks_like_hu(voxel_sample(sitk.GetArrayViewFromImage(other)))
+        if task.functional and other_hu and other_modality is None:
+            found.append(f"the {task.modality} volume holds values below -500 like a CT in Hounsfield units; "
+                         "check --task (ct-mri for a CT)")
+        if task.window == "ct" and not other_hu and other_modality != "CT":
+            found.append("the CT volume has no air below -500, so it does not look like Hounsfield units; it is "
+                         "windowed like an MRI (give --other-window LO,HI to choose)")
+    if mri_modality is None and looks_like_hu(voxel_sample(sitk.GetArrayViewFromImage(mri))):
+        found.append("the MRI volume holds values below -500 like a CT in Hounsfield units; are the two volumes "
+                     "swapped (the MRI goes first)?")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# preparation: both volumes on the MRI grid, canonical orientation, normalised
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PreparedPair:
+    """Both volumes on the MRI grid in the canonical orientation, windowed; arrays are (K, J, I) =
+    SimpleITK index of ``reference`` reversed.
+
+    ``reference``: the MRI re-stored canonically (:func:`LightFusionLib.geometry.to_canonical`);
+    ``mri_grid``: the MRI as given (the output's grid). ``mri``: float32 [0, 1]. ``other``:
+    float32 [0, 1] (windowed scalar) or uint8 (K, J, I, 3) RGB. ``lut``: (256, 3) colour map for a
+    scalar ``other`` (None: grayscale). ``coverage``: fraction of MRI voxels inside ``other``'s
+    field of view. Windows are in each volume's units. ``warnings``: one line each, see
+    :func:`input_warnings`.
+    """
+
+    reference: sitk.Image
+    task: str
+    mri: np.ndarray
+    other: np.ndarray
+    lut: np.ndarray | None
+    colormap: str
+    mri_window: tuple[float, float]
+    other_window: tuple[float, float] | None
+    coverage: float
+    mri_grid: sitk.Image | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def rgb_output(self) -> bool:
+        """True when the fused volume is RGB (coloured or RGB functional input)."""
+        return self.lut is not None or self.other.ndim == 4
+
+    def other_colour(self, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(N,H,W) windowed scalar or (N,H,W,3) RGB planes of ``other`` -> (RGB (N,H,W,3), luma
+        (N,H,W)), float32 on the 0-255 scale, or None for a grayscale path."""
+        if planes.ndim == 4:
+            rgb = planes.astype(np.float32)
+        elif self.lut is not None:
+            rgb = apply_colormap(planes, self.lut)
+        else:
+            return None
+        return rgb, luma(rgb)
+
+    def other_display(self) -> np.ndarray:
+        """``other`` as the network's source image: (K,J,I,3) uint8 RGB or (K,J,I) uint8."""
+        if self.other.ndim == 4:
+            return self.other
+        if self.lut is not None:
+            return np.rint(apply_colormap(self.other, self.lut)).astype(np.uint8)
+        return np.rint(self.other * 255).astype(np.uint8)
+
+
+def _warn(found: list[str], message: str) -> None:
+    found.append(message)
+    log.warning(message)
+
+
+def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colormap: str | None = None,
+                 mri_window: tuple[float, float] | None = None,
+                 other_window: tuple[float, float] | None = None,
+                 check_alignment: bool = False) -> PreparedPair:  # TEMP
+    """Check both volumes, warn about suspicious ones, orient canonically, window each from its own
+    voxels, resample ``other`` onto the MRI grid. ``check_alignment``: measure whether the pair is
+    aligned and warn when it clearly is not (about 0.1-0.5 s)."""
+    task_info = get_task(task)
+    task = task_info.name
+    mri = check_volume(mri, "MRI")
+    other = check_volume(other, task_info.modality, allow_rgb=task_info.functional)
+    mri_window, other_window = check_window(mri_window, "MRI"), check_window(other_window, "other")
+    rgb_in = other.GetNumberOfComponentsPerPixel() == 3
+    cmap = (colormap or "").strip().lower() or None  # None: the task's default
+    grayscale = cmap == NONE  # asked for explicitly
+    if not task_info.functional and cmap not in (None, NONE):
+        raise VolumeError(f"colour maps apply to PET/SPECT, not to {task_info.label}")
+    if rgb_in and cmap not in (None, NONE):
+        raise VolumeError(f"the {task_info.modality} volume is already RGB; a colour map applies to scalar volumes")
+    if rgb_in and other_window is not None:
+        raise VolumeError("an RGB volume is used as is; other_window applies to scalar volumes")
+    lut = None
+    if task_info.functional and not rgb_in and cmap != NONE:
+        cmap = cmap or task_info.default_colormap
+        try:
+            lut = lookup_table(cmap)
+        except ValueError as exc:
+            raise VolumeError(str(exc)) from None
+    cmap = "rgb input" if rgb_in and not grayscale else (cmap or NONE)
+
+    found: list[str] = []
+    for message in input_warnings(mri, other, task_info):
+        _warn(found, message)
+
+    reference = to_canonical(mri)
+    other_c = to_canonical(other)
+    resampled, coverage = resample_onto(reference, other_c)
+    if coverage == 0.0:
+        raise VolumeError(f"the MRI {describe_bounds(mri)} and the {task_info.modality} volume {describe_bounds(other)} "
+                          "do not overlap in physical space; they must be registered first")
+    if coverage < LOW_COVERAGE:
+        _warn(found, f"the {task_info.modality} volume covers only {100 * coverage:.0f}% of the MRI grid; the rest "
+                     "is fused with 0")
+    if check_alignment and not rgb_in:
+        from .alignment import check_alignment as measure
+
+        report = measure(mri, other)
+        if report.misaligned:
+            _warn(found, report.describe())
+
+    m = sitk.GetArrayFromImage(sitk.Cast(reference, sitk.sitkFloat32))
+    mri_window = mri_window or robust_window(m, "mri")
+    apply_window(m, mri_window)
+    o = sitk.GetArrayFromImage(resampled)
+    del resampled
+    if rgb_in:
+        if grayscale:  # RGB given but grayscale asked for: fuse its luma
+            o = apply_window(luma(o), (0.0, 255.0))
+        else:
+            o = np.clip(np.rint(o), 0, 255).astype(np.uint8)
+    else:
+        if other_window is None:  # from the volume's own voxels, not the part on the MRI grid
+            hounsfield = True if _dicom_modality(other) == "CT" else None
+            other_window = robust_window(sitk.GetArrayViewFromImage(other_c), task_info.window, hounsfield)
+        apply_window(o, other_window)
+    return PreparedPair(reference, task, m, o, lut, cmap, mri_window, other_window if not rgb_in else None,
+                        coverage, mri_grid=mri, warnings=found)
+
+
+# ----------------------------------------------------------------------------------------------
+# fusion
+# ----------------------------------------------------------------------------------------------
+def resolve_backend(backend, model, task: str, device: str, half: bool = False) -> FusionBackend:
+    """A loaded backend for ``backend`` = 'auto' | 'torch' | 'onnx', or a ready backend object
+    (checked to run a model of ``task``)."""
+    if isinstance(backend, str):
+        return load_backend(model, task, backend, device, half=half)
+    if not callable(backend):
+        raise TypeError(f"backend must be 'auto', 'torch', 'onnx' or a backend object, got {backend!r}")
+    made_for = getattr(backend, "task", None)
+    if made_for is not None and made_for != task:
+        raise VolumeError(f"the given backend runs a {made_for} model, not {task}")
+    return backend
+
+
+class _Batcher:
+    """Runs the backend over a plane stack in sub-batches, halving them on device out-of-memory."""
+
+    def __init__(self, backend: FusionBackend, batch: int) -> None:
+        self.backend, self.batch = backend, batch
+
+    def __call__(self, mri: np.ndarray, other: np.ndarray) -> np.ndarray:
+        out = np.empty(mri.shape, np.float32)
+        i = 0
+        while i < len(mri):
+            b = self.batch
+            try:
+                out[i:i + b] = self.backend(mri[i:i + b], other[i:i + b])
+            except BackendOutOfMemory as exc:
+                if b == 1:
+                    raise VolumeError(f"the device ran out of memory even for one plane ({exc}); "
+                                      "try --device cpu") from None
+                self.batch = max(1, b // 2)
+                log.warning("device out of memory with batch %d; retrying with %d", b, self.batch)
+                continue
+            i += b
+        return out
+
+
+def _check_options(axis: str, plane_size: int | None, batch_size: int | None) -> None:
+    check_axis(axis)
+    if plane_size is not None and plane_size < 16:
+        raise VolumeError(f"plane size must be at least 16 pixels, got {plane_size}")
+    if batch_size is not None and batch_size < 1:
+        raise VolumeError(f"batch size must be at least 1, got {batch_size}")
+
+
+def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial", batch_size: int | None = None,
+                  progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                  plane_size: int | None = NET_SIZE) -> sitk.Image:
+    """Fuse a :class:`PreparedPair` plane by plane; the result is on the MRI's own grid (see
+    :func:`fuse_volumes`)."""
+    _check_options(axis, plane_size, batch_size)
+    ref = pair.reference
+    index_axis = slicing_axis(ref, axis)
+    np_axis = 2 - index_axis  # numpy axes are the index axes reversed
+    mri_planes = np.moveaxis(pair.mri, np_axis, 0)  # (N, H, W) views
+    other_planes = np.moveaxis(pair.other, np_axis, 0)
+    n, h, w = mri_planes.shape
+    spacing = np.array(ref.GetSpacing())[::-1]  # per numpy axis
+    grid = PlaneGrid((h, w), tuple(np.delete(spacing, np_axis)), plane_size)
+
+    rgb = pair.rgb_output
+    out = np.zeros(pair.mri.shape + ((3,) if rgb else ()), np.uint8)
+    out_planes = np.moveaxis(out, np_axis, 0)
+    chunk = int(batch_size or getattr(backend, "preferred_batch", 4))
+    run = _Batcher(backend, chunk)
+
+    def start_batch(start: int, worker: ThreadPoolExecutor) -> tuple:
+        """Prepare planes start..start+chunk and hand them to the network thread."""
+        stop = min(n, start + chunk)
+        m = np.ascontiguousarray(mri_planes[start:stop])
+        src = np.ascontiguousarray(other_planes[start:stop])
+        colour = pair.other_colour(src)
+        y = colour[1] / np.float32(255) if colour is not None else src
+        # Planes blank in both inputs (outside the head) are not worth a network call.
+        busy = (m.reshape(len(m), -1).max(1) > 0) | (y.reshape(len(y), -1).max(1) > 0)
+        job = None
+        if busy.any():
+            # B-spline overshoot is clipped: the network was trained on [0, 1] inputs.
+            job = worker.submit(run, np.clip(grid.to_net(m[busy]), 0, 1), np.clip(grid.to_net(y[busy]), 0, 1))
+        return start, stop, colour, busy, job
+
+    def finish_batch(start: int, stop: int, colour, busy: np.ndarray, job: Future | None) -> None:
+        """Wait for the network's planes, take them back to the plane grid and store them."""
+        fused = np.zeros((stop - start, h, w), np.float32)
+        if job is not None:
+            fused[busy] = grid.from_net(job.result())
+        # Never let a non-finite value reach the uint8 cast (it would become an arbitrary grey level).
+        if not np.isfinite(fused).all():
+            raise VolumeError(f"the fusion produced non-finite values in {axis} planes {start}-{stop - 1} "
+                              "(a damaged model file or an internal error); nothing was written")
+        np.clip(fused, 0.0, 1.0, out=fused)
+        if rgb:
+            out_planes[start:stop] = replace_luma(colour[0], fused * 255, colour[1])
+        else:
+            out_planes[start:stop] = np.rint(fused * 255).astype(np.uint8)
+        if progress is not None:
+            progress(stop, n)
+
+    # The network runs on its own thread, one batch behind, while this thread prepares the next
+    # batch and finishes the previous one (numpy, SimpleITK and the backends release the GIL):
+    # on a GPU the host-side work then hides behind the device's.
+    with ThreadPoolExecutor(1, thread_name_prefix="lightfusion-net") as worker:
+        in_flight = None
+        for start in range(0, n, chunk):
+            if cancel is not None and cancel():
+                done = in_flight[0] if in_flight else start
+                raise FusionCancelled(f"fusion cancelled after {done} of {n} {axis} planes")
+            batch = start_batch(start, worker)
+            if in_flight is not None:
+                finish_batch(*in_flight)
+            in_flight = batch
+        if in_flight is not None:
+            finish_batch(*in_flight)
+    image = sitk.GetImageFromArray(out, isVector=rgb)
+    image.CopyInformation(ref)
+    return from_canonical(image, pair.mri_grid) if pair.mri_grid is not None else image
+
+
+def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", model: str | Path | None = None,
+                 axis: str = "axial", backend: str | FusionBackend = "auto", device: str = "auto",
+                 colormap: str | None = None, batch_size: int | None = None, progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None, mri_window: tuple[float, float] | None = None,
+                 other_window: tuple[float, float] | None = None, plane_size: int | None = NET_SIZE,
+                 half: bool = False) -> sitk.Image:
+    """Fuse a 3-D MRI with a co-registered PET / SPECT / CT volume; the result lies on the MRI grid.
+
+    Args:
+        mri: scalar 3-D image (K, J, I voxels); its grid (size, spacing, origin, direction) is the output's.
+        other: scalar or 8-bit RGB 3-D image, any grid overlapping the MRI in physical space;
+            resampled (linear) onto the MRI grid when the grids differ. It must already be registered.
+        task: 'pet-mri', 'spect-mri' or 'ct-mri' (:data:`LightFusionLib.tasks.TASKS`).
+        model: a model file (.pt or .onnx) instead of the task's shipped model.
+        axis: 'axial', 'coronal' or 'sagittal', from the direction cosines; planes are cut in the
+            canonical anatomical orientation, whatever the voxels' storage order.
+        backend: 'auto' | 'torch' | 'onnx', or a ready backend object (``backend(mri, other)`` on
+            (N,H,W) float32 [0,1] arrays -> (N,H,W) fused luma), which then ignores model/device.
+        device: 'auto' (CUDA when available) | 'cpu' | 'cuda'.
+        colormap: PET/SPECT colour map (default: the task's), or 'none' for a grayscale fused volume.
+        batch_size: planes per network call (default: the backend's preferred batch); halved and
+            retried on device out-of-memory.
+        progress: ``progress(done, total)`` after each batch of planes.
+        cancel: polled before each batch; returning True raises :class:`FusionCancelled`.
+        mri_window, other_window: (lo, hi) intensity windows in the volumes' units (default: from each
+            volume's own voxels, see :mod:`LightFusionLib.windows`).
+        plane_size: planes are run at plane_size x plane_size (aspect kept, padded); None = native size.
+        half: fp16 inference (torch on CUDA only; within 1 grey level of fp32).
+
+    Returns:
+        SimpleITK image on the MRI grid: ``sitkVectorUInt8`` RGB for PET/SPECT (coloured or RGB
+        input), ``sitkUInt8`` for CT-MRI or ``colormap='none'``. Input warnings go to the
+        ``LightFusionLib`` logger (use :func:`prepare_pair` to get them as a list).
+
+    Raises:
+        VolumeError: unusable input (2-D/4-D, NaN/Inf, constant, no overlap, bad option).
+        ModelError: a model file that does not load or was trained for another task.
+        FusionCancelled: ``cancel()`` returned True.
+    """
+    task = get_task(task).name
+    _check_options(axis, plane_size, batch_size)
+    pair = prepare_pair(mri, other, task, colormap, mri_window, other_window)
+    fuser = resolve_backend(backend, model, task, device, half)
+    return fuse_prepared(pair, fuser, axis, batch_size, progress, cancel, plane_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class FileFusion:
+    """What :func:`fuse_files` did: output path, planes fused, seconds of fusion, backend used,
+    coverage of the MRI grid, input warnings."""
+
+    output: Path
+    planes: int
+    seconds: float
+    backend: str
+    coverage: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def planes_per_second(self) -> float:
+        return self.planes / self.seconds if self.seconds > 0 else float("inf")
+
+
+def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str = "pet-mri",
+               model: str | Path | None = None, axis: str = "axial", backend: str | FusionBackend = "auto",
+               device: str = "auto", colormap: str | None = None, batch_size: int | None = None,
+               progress: bool | ProgressFn = False, cancel: CancelFn | None = None,
+               mri_window: tuple[float, float] | None = None, other_window: tuple[float, float] | None = None,
+               plane_size: int | None = NET_SIZE, half: bool = False) -> FileFusion:
+    """Read two volumes (any SimpleITK format or a DICOM series folder), fuse, write ``output``
+    atomically and verified, in the format of its extension. ``progress=True`` shows a tqdm bar.
+
+    Refuses the same file given twice and an output onto an input; on any error nothing is written
+    and the inputs are untouched. Raises VolumeError / ModelError / FusionCancelled.
+    """
+    mri_p, other_p, out_p = Path(mri), Path(other), Path(output)
+    task_info = get_task(task)
+    _check_options(axis, plane_size, batch_size)
+    if mri_p.exists() and other_p.exists() and same_path(mri_p, other_p):
+        raise VolumeError(f"the MRI and the other volume are the same file ({mri_p}); give two different volumes")
+    check_output_path(out_p, [mri_p, other_p])
+    mri_img = read_volume(mri_p, "MRI")
+    other_img = read_volume(other_p, task_info.modality)
+    pair = prepare_pair(mri_img, other_img, task_info.name, colormap, mri_window, other_window)
+    check_output_format(out_p, pair.rgb_output)
+    fuser = resolve_backend(backend, model, task_info.name, device, half)
+    n = pair.reference.GetSize()[slicing_axis(pair.reference, axis)]
+
+    with progress_bar(n, f"fusing ({fuser.describe()})", progress) as callback:
+        t0 = time.perf_counter()
+        fused = fuse_prepared(pair, fuser, axis, batch_size, callback, cancel, plane_size)
+        seconds = time.perf_counter() - t0
+    write_volume(fused, out_p)
+    return FileFusion(out_p, n, seconds, fuser.describe(), pair.coverage, list(pair.warnings))
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, progress: bool | ProgressFn | None):
+    """Yield the ``progress(done, total)`` callback to use: a tqdm bar when ``progress`` is True,
+    the given callable as is, or None."""
+    if progress is not True:
+        yield progress if callable(progress) else None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="plane", desc=desc, leave=False) as bar:
+        yield lambda done, _total: bar.update(done - bar.n)
