@@ -63,6 +63,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from .errors import VolumeError
+
 try:  # pydicom >= 3
     from pydicom.pixels import apply_modality_lut
 except ImportError:  # pydicom 2.x
@@ -79,7 +81,7 @@ KEPT_TAGS: dict[str, str] = {
 }
 
 
-class DicomError(ValueError):
+class DicomError(VolumeError):
     """A DICOM file or folder that cannot be read exactly; the message is one line naming it."""
 
 

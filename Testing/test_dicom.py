@@ -309,18 +309,28 @@ def test_real_nema_pet_monochrome1():
     assert_same_geometry(image, plain.GetOrigin(), plain.GetSpacing(), plain.GetDirection())
 
 
-@needs_realdata
-def test_real_porcine_mr():
-    image = read_dicom_series(PORCINE_MR, "MRI")
+@pytest.fixture(scope="module")
+def porcine_mr() -> sitk.Image:
+    """The 512x512x94 porcine T2 series as read here (about 1 s; shared by the tests below)."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"real data not found at {REALDATA}")
+    return read_dicom_series(PORCINE_MR, "MRI")
 
-    assert image.GetSize() == (512, 512, 94)
-    assert image.GetPixelID() == sitk.sitkInt16  # no rescale: stays in its stored integer type
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), pydicom_values(PORCINE_MR))
-    assert dicom_modality(image) == "MR"
+
+@needs_realdata
+def test_real_porcine_mr_values(porcine_mr):
+    assert porcine_mr.GetSize() == (512, 512, 94)
+    assert porcine_mr.GetPixelID() == sitk.sitkInt16  # no rescale: stays in its stored integer type
+    assert np.array_equal(sitk.GetArrayViewFromImage(porcine_mr), pydicom_values(PORCINE_MR))
+    assert dicom_modality(porcine_mr) == "MR"
+
+
+@needs_realdata
+def test_real_porcine_mr_geometry_is_simpleitks(porcine_mr):
     plain = plain_sitk_series(PORCINE_MR)
-    assert image.GetOrigin() == plain.GetOrigin()
-    assert image.GetSpacing() == plain.GetSpacing()
-    assert image.GetDirection() == plain.GetDirection()
+    assert porcine_mr.GetOrigin() == plain.GetOrigin()
+    assert porcine_mr.GetSpacing() == plain.GetSpacing()
+    assert porcine_mr.GetDirection() == plain.GetDirection()
 
 
 @needs_realdata
