@@ -31,6 +31,7 @@ except ImportError:  # Slicer without translation support
     def _(text):
         return text
 
+from LightFusionLib.tasks import get_task  # the one definition of the tasks (what is functional...)
 from LightFusionSlicerLib import logic as _logic
 from LightFusionSlicerLib.logic import LightFusionLogic  # noqa: F401  (Slicer looks it up here)
 
@@ -150,6 +151,46 @@ def _modelPathOrNone(path) -> Optional[str]:
     return None if text in ("", ".") else text
 
 
+def _pipEnsure():
+    """Slicer's ``pip_ensure`` (``slicer.packaging`` from Slicer 5.10, ``slicer.pydeps`` in some builds),
+    or None in a Slicer without it. It shows its own confirmation; it raises RuntimeError when the user
+    declines and subprocess.CalledProcessError when pip fails."""
+    import importlib
+
+    for name in ("packaging", "pydeps"):
+        module = getattr(slicer, name, None)
+        if module is None:
+            try:
+                module = importlib.import_module(f"slicer.{name}")
+            except Exception:  # absent (older Slicer, the slicer-core wheel) or broken: use the fallback
+                continue
+        ensure = getattr(module, "pip_ensure", None)
+        if callable(ensure):
+            return ensure
+    return None
+
+
+def _requirement(package: str):
+    """``packaging`` Requirement for ``package`` (every pip_ensure version takes one), else the name."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        return package
+    return Requirement(package)
+
+
+def _isDeclinedInstall(exc: BaseException) -> bool:
+    """Whether an exception from an installer means "the user said no" rather than "it failed"."""
+    return isinstance(exc, RuntimeError) and "declined" in str(exc).lower()
+
+
+def _oneLine(exc: BaseException) -> str:
+    """First non-empty line of the exception's message (its class name if it has none), at most 200 characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 #
 # LightFusionWidget
 #
@@ -240,7 +281,7 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         other = self._parameterNode.otherVolume
         otherIsRGB = bool(other and other.GetImageData()
                           and other.GetImageData().GetNumberOfScalarComponents() == 3)
-        return self.effectiveTask() != "ct-mri" and not otherIsRGB
+        return get_task(self.effectiveTask()).functional and not otherIsRGB
 
     def updateGUIState(self, caller=None, event=None) -> None:
         """Show the rows that apply, and enable Apply when the inputs are complete."""
@@ -298,21 +339,51 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- dependencies ---------------------------------------------------------------------------
     def ensureInferencePackage(self, backend: str) -> bool:
-        """Offer to install what ``backend`` needs (never done at import). True when usable."""
+        """Offer to install what ``backend`` needs (never done at import). True when usable.
+
+        A declined or failed install never escapes: it is logged, the status line says why the
+        fusion did not run, and False is returned (the panel stays usable).
+        """
         import importlib
+        import logging
 
         package = _logic.missingPackage(backend)
         if package is None:
             return True
+        try:
+            declined = not self._installPackage(package)
+        except Exception as exc:  # pip_ensure raises on a decline (RuntimeError) and on a failure
+            declined = _isDeclinedInstall(exc)
+            if not declined:
+                reason = _oneLine(exc)
+                logging.error(f"LightFusion: installing {package} failed: {reason}")
+                self.ui.statusLabel.text = _("Not run: installing {package} failed: {reason}").format(
+                    package=package, reason=reason)
+                return False
+        finally:
+            importlib.invalidate_caches()
+            self._deviceInfo = None
+        if declined:
+            logging.warning(f"LightFusion: installing {package} was declined; the fusion did not run")
+            self.ui.statusLabel.text = _("Not run: installing {package} was declined.").format(package=package)
+            return False
+        if not _logic.isInstalled(package):
+            logging.warning(f"LightFusion: {package} is still not importable after the install")
+            self.ui.statusLabel.text = _("Not run: {package} is not installed (if it was just installed, restart "
+                                         "Slicer).").format(package=package)
+            return False
+        return True
+
+    def _installPackage(self, package: str) -> bool:
+        """Ask, then install ``package``. False when the user declines; raises when the install fails."""
         if package == "torch":
             try:
                 import PyTorchUtils  # the PyTorch extension's installer picks the right CUDA/CPU wheel
             except ImportError:
                 PyTorchUtils = None
             if PyTorchUtils is not None:
-                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)
-                importlib.invalidate_caches()
-                return torch is not None
+                # None when the user declines; raises when pip / light-the-torch fails
+                return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is not None
             message = _("LightFusion needs PyTorch (or ONNX Runtime, a smaller CPU-only alternative) to run "
                         "the network, and neither is installed.\n\nInstall PyTorch now with pip? This "
                         "downloads several hundred MB. (Installing the PyTorch extension from the Extensions "
@@ -320,17 +391,15 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             message = _("The ONNX Runtime backend needs the 'onnxruntime' Python package.\n\nInstall it now "
                         "with pip?")
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure([package], requester="LightFusion")
-        else:
-            if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("LightFusion")):
-                return False
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(package)
-        importlib.invalidate_caches()
-        self._deviceInfo = None
-        return _logic.isInstalled(package)
+        pipEnsure = _pipEnsure()
+        if pipEnsure is not None:  # asks itself; raises RuntimeError when declined
+            pipEnsure([_requirement(package)], requester="LightFusion")
+            return True
+        if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("LightFusion")):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(package)
+        return True
 
     # -- actions --------------------------------------------------------------------------------
     def onLoadSampleButton(self) -> None:
@@ -350,8 +419,8 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling...")
             return
         p = self._parameterNode
-        if not self.ensureInferencePackage(p.backend.value):
-            self.ui.statusLabel.text = _("Not run: no inference backend installed.")
+        self.ui.statusLabel.toolTip = ""  # the previous run's warnings
+        if not self.ensureInferencePackage(p.backend.value):  # it has said why in the status line
             return
         from LightFusionLib.errors import FusionCancelled
 
@@ -402,12 +471,20 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateGUIState()
 
     def showResult(self, outputNode) -> None:
+        """Status line (and the main window's status bar): time and device, then the first input warning
+        of the run, if any (all of them are in the Python log and in the status line's tooltip)."""
         slicer.util.setSliceViewerLayers(background=outputNode, foreground=None, fit=True)
         run = self.logic.lastRun or {}
         message = _("{name}: fused in {s:.1f} s on {device}.").format(
             name=outputNode.GetName(), s=run.get("seconds", 0.0), device=run.get("device", "?"))
+        warnings = list(run.get("warnings", self.logic.lastWarnings) or [])
+        if warnings:
+            message += " " + _("Warning: {warning}").format(warning=warnings[0])
+            if len(warnings) > 1:
+                message += " " + _("(+{n} more in the Python log)").format(n=len(warnings) - 1)
         self.ui.statusLabel.text = message
-        slicer.util.showStatusMessage(message, 10000)
+        self.ui.statusLabel.toolTip = "\n".join(warnings)
+        slicer.util.showStatusMessage(message, 30000 if warnings else 10000)
 
 
 #
@@ -450,7 +527,7 @@ class LightFusionTest(ScriptedLoadableModuleTest):
         output = logic.process(mri, other, task=task, device="cpu",
                                progressCallback=lambda done, total: steps.append((done, total)))
 
-        expectedClass = "vtkMRMLScalarVolumeNode" if task == "ct-mri" else "vtkMRMLVectorVolumeNode"
+        expectedClass = _logic.expectedOutputClass(task, None)  # scalar for a non-functional task (CT)
         self.assertEqual(output.GetClassName(), expectedClass)
         self.assertEqual(output.GetName(), f"{mri.GetName()}_{other.GetName()}_fused")
         self.assertEqual(output.GetImageData().GetDimensions(), mri.GetImageData().GetDimensions())
@@ -462,6 +539,7 @@ class LightFusionTest(ScriptedLoadableModuleTest):
         self.assertGreater(float(values.max()), 0.0)
         self.assertTrue(np.isfinite(values.astype(np.float64)).all())
         self.assertTrue(steps and steps[-1][0] == steps[-1][1])
+        self.assertEqual(logic.lastRun["warnings"], logic.lastWarnings)  # the panel shows these
         # inputs untouched
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(mri), mriBefore))
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(other), otherBefore))

@@ -207,25 +207,7 @@ except ImportError:  # the library's volume module is not there: the fusion test
     volume = None
 from LightFusionSlicerLib import logic as lf_logic  # noqa: E402
 from LightFusionSlicerLib.logic import LightFusionInputError, LightFusionLogic  # noqa: E402
-
-
-class MeanBackend:
-    """Stand-in for a LightFusionLib backend: fused luma = mean of the two inputs (no model)."""
-
-    name = "fake"
-    device = "cpu"
-    preferred_batch = 4
-
-    def __init__(self, task="pet-mri"):
-        self.task = task
-        self.calls = 0
-
-    def __call__(self, mri, other):
-        self.calls += 1
-        return (np.asarray(mri, np.float32) + np.asarray(other, np.float32)) / 2
-
-    def describe(self):
-        return "fake on cpu"
+from stand_ins import MeanBackend  # noqa: E402
 
 
 @pytest.fixture
@@ -297,6 +279,56 @@ def test_rgb_pet_input_gives_rgb_output(scene, pair):
     out = LightFusionLogic().process(mri, pet_rgb, task="spect-mri", backend=MeanBackend("spect-mri"))
     assert out.GetClassName() == "vtkMRMLVectorVolumeNode"
     assert np.allclose(node_matrix(out), node_matrix(mri))
+
+
+@pytest.mark.parametrize("dtype, pixel_type", [(np.float32, "vector of 32-bit float"),
+                                               (np.uint16, "vector of 16-bit unsigned integer")],
+                         ids=["displacement-field", "16-bit-rgb"])
+def test_colour_other_than_8bit_rgb_is_refused_naming_the_pixel_type(scene, pair, dtype, pixel_type):
+    """LightFusionLib takes colour only as 8-bit RGB; the MRML bridge hands a vector node over with its
+    own pixel type (no cast), so a 3-component float volume (a displacement field) or 16-bit RGB is
+    refused in one line naming that type, and nothing is added to the scene."""
+    mri, _ = pair
+    rng = np.random.default_rng(7)
+    values = rng.uniform(-5, 5, (9, 12, 10, 3)) if dtype == np.float32 else rng.integers(0, 65535, (9, 12, 10, 3))
+    field = add_volume(values.astype(dtype), node_matrix(mri), "displacement PET", "vtkMRMLVectorVolumeNode")
+    assert mrml.imageFromVolumeNode(field).GetPixelIDTypeAsString() == pixel_type  # kept as given
+    before = snapshot(field)
+    count = scene.GetNumberOfNodes()
+    backend = MeanBackend()
+    with pytest.raises(volume.VolumeError, match=f"3 components of type {pixel_type}.*8-bit RGB") as refused:
+        LightFusionLogic().process(mri, field, task="pet-mri", backend=backend)
+    assert "\n" not in str(refused.value)
+    assert backend.calls == 0 and scene.GetNumberOfNodes() == count
+    assert_unchanged(field, before)
+
+    rgb = add_volume(rng.integers(0, 256, (9, 12, 10, 3)).astype(np.uint8), node_matrix(mri), "PET rgb",
+                     "vtkMRMLVectorVolumeNode")
+    out = LightFusionLogic().process(mri, rgb, task="pet-mri", backend=MeanBackend())  # 8-bit RGB still works
+    assert out.GetClassName() == "vtkMRMLVectorVolumeNode" and scene.GetNumberOfNodes() > count
+
+
+def test_input_warnings_are_kept_in_last_run_and_logged(scene, pair, caplog):
+    """A PET covering 30% of the MRI (the MRI's grid shifted by 7 of its 10 columns): the library's
+    coverage warning is in lastWarnings and lastRun['warnings'], and in the Python log."""
+    import logging
+
+    mri, _ = pair
+    shifted = node_matrix(mri).copy()
+    shifted[:3, 3] += 7 * shifted[:3, 0]  # 7 voxels along i
+    partial = add_volume(blob((9, 12, 10), np.float32, seed=3, scale=5.0), shifted, "PET partial")
+    logic = LightFusionLogic()
+    with caplog.at_level(logging.WARNING):
+        out = logic.process(mri, partial, backend=MeanBackend())
+    assert out.GetScene() is scene
+    assert "the PET volume covers only 30% of the MRI grid; the rest is fused with 0" in logic.lastWarnings
+    assert logic.lastRun["warnings"] == logic.lastWarnings and logic.lastRun["outputNodeID"] == out.GetID()
+    logged = [r for r in caplog.records if r.levelno == logging.WARNING and "covers only 30%" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].name.startswith("LightFusionLib")  # logged once, by the library
+
+    with pytest.raises(LightFusionInputError):  # each run starts with no warnings
+        logic.process(mri, partial, axis="oblique", backend=MeanBackend())
+    assert logic.lastWarnings == []
 
 
 def test_given_output_node_is_reused_and_an_empty_one_gets_the_fused_name(scene, pair):

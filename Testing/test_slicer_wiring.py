@@ -6,8 +6,10 @@
 - the panel's choices match LightFusionLib (tasks, axes, backends, devices, colour maps);
 - CMake lists every module script and resource, and the layout LightFusionLib relies on;
 - LightFusionSlicerLib stays Qt-free;
-- the panel's behaviour (Apply -> Cancel while running, progress, status line, cancel, errors,
-  install offer, GPU name) with stand-in widgets around the real logic and a real MRML scene.
+- the module compares no task names by hand (LightFusionLib.tasks defines them);
+- the panel's behaviour (Apply -> Cancel while running, progress, status line with the run's input
+  warnings, cancel, errors, install offer declined or failed, GPU name) with stand-in widgets around
+  the real logic and a real MRML scene.
 
 ``LightFusion.py`` itself imports qt/ctk/slicer.ScriptedLoadableModule, which only exist inside
 Slicer: it is parsed with ``ast`` and, for the type checks, imported with minimal stand-ins for
@@ -207,6 +209,19 @@ def test_module_defines_the_slicer_classes_and_the_self_test_runs_all_its_tests(
     assert "slicer.util.tryWithErrorDisplay(" in widget and ".connectGui(self.ui)" in widget
 
 
+def test_module_compares_no_task_names_by_hand():
+    """Task properties come from LightFusionLib.tasks (get_task(task).functional...), never from
+    comparing task strings (``task == "ct-mri"``) in the module."""
+    from LightFusionLib.tasks import TASK_NAMES
+
+    for path in (MODULE_PY, *(MODULE_DIR / "LightFusionSlicerLib").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                names = [o.value for o in operands if isinstance(o, ast.Constant) and o.value in TASK_NAMES]
+                assert not names, f"{path.name}:{node.lineno} compares task names by hand: {ast.unparse(node)}"
+
+
 def test_qt_free_package_imports_no_gui_modules():
     for path in (MODULE_DIR / "LightFusionSlicerLib").glob("*.py"):
         tree = ast.parse(path.read_text())
@@ -335,10 +350,14 @@ def test_parameter_types_are_bindable_to_their_widgets(module):
 
 def test_enum_choices_match_the_library(module):
     from LightFusionLib import backends
+    from LightFusionLib.tasks import TASK_NAMES, get_task
     from LightFusionSlicerLib import logic
 
-    assert {t.value for t in module.FusionTask} == set(logic.TASKS) | {"custom"}
-    assert {t.value for t in module.ModelTask} == set(logic.TASKS)
+    # the parameter node needs enums; they must list LightFusionLib.tasks' tasks, in its order
+    assert tuple(t.value for t in module.ModelTask) == TASK_NAMES == logic.TASKS
+    assert tuple(t.value for t in module.FusionTask) == (*TASK_NAMES, "custom")
+    for member in module.ModelTask:  # the (translatable) panel label is the library's label
+        assert member.label() == get_task(member.value).label
     assert tuple(a.value for a in module.SliceAxis) == logic.AXES
     assert tuple(b.value for b in module.Backend) == backends.BACKENDS == logic.BACKENDS
     assert tuple(d.value for d in module.Device) == backends.DEVICES == logic.DEVICES
@@ -540,3 +559,155 @@ def test_panel_names_the_gpu_in_the_device_list(panel, monkeypatch):
     panel.widget.onAdvancedCollapsed(False)
     assert panel.ui.deviceInfoLabel.text == "CUDA GPU: NVIDIA H100"
     assert panel.ui.deviceComboBox.items[2] == "CUDA GPU (NVIDIA H100)"
+
+
+class FakePackaging(types.ModuleType):
+    """Stand-in for Slicer's ``slicer.packaging`` (5.10+): ``pip_ensure`` raises RuntimeError when the
+    user declines (Slicer's own message) or ``error`` (e.g. CalledProcessError when pip fails)."""
+
+    def __init__(self, error):
+        super().__init__("slicer.packaging")
+        self.error, self.calls = error, []
+
+    def pip_ensure(self, requirements, requester=None, **kwargs):
+        self.calls.append(([str(r) for r in requirements], requester))
+        raise self.error
+
+
+def _assert_not_run_and_usable(panel, count):
+    ui = panel.ui
+    assert panel.scene.GetNumberOfNodes() == count  # nothing added
+    assert ui.applyButton.enabled and ui.applyButton.text != "Cancel" and not panel.widget._running
+    assert ui.inputsCollapsibleButton.enabled
+
+
+def test_panel_install_declined_in_slicer_packaging_leaves_a_status_and_does_not_run(panel, monkeypatch, caplog):
+    """Slicer 5.10+: pip_ensure raises RuntimeError when the user declines; Apply must return normally."""
+    import logging
+    import slicer
+
+    panel.p.backend = panel.module.Backend.ONNX
+    monkeypatch.setattr(panel.module._logic, "missingPackage", lambda backend="auto": "onnxruntime")
+    packaging = FakePackaging(RuntimeError("User declined package installation"))
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda *a, **k: pytest.fail("pip_ensure asks; no second dialog"))
+    count = panel.scene.GetNumberOfNodes()
+    panel.ui.statusLabel.text = "a previous message"
+    with caplog.at_level(logging.WARNING):
+        panel.widget.onApplyButton()  # returns normally
+    assert packaging.calls == [(["onnxruntime"], "LightFusion")]
+    assert panel.ui.statusLabel.text == "Not run: installing onnxruntime was declined."
+    assert any("installing onnxruntime was declined" in r.getMessage() for r in caplog.records)
+    _assert_not_run_and_usable(panel, count)
+    panel.widget.updateGUIState()
+    assert panel.ui.applyButton.enabled  # nothing about the inputs changed: Apply can be pressed again
+
+
+def _called_process_error():
+    import subprocess
+
+    return subprocess.CalledProcessError(1, "pip install")
+
+
+@pytest.mark.parametrize("installer", ["slicer.packaging fails", "PyTorch extension fails",
+                                       "PyTorch extension declined", "pip_install fails"])
+def test_panel_install_failure_or_decline_is_reported_in_the_status_line(panel, monkeypatch, installer, caplog):
+    import logging
+    import slicer
+
+    monkeypatch.setattr(panel.module._logic, "missingPackage", lambda backend="auto": "torch")
+    monkeypatch.setattr(panel.module._logic, "isInstalled", lambda name: False)
+    monkeypatch.delattr(slicer, "packaging", raising=False)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # PyTorch extension not installed
+    monkeypatch.setattr(slicer.util, "WaitCursor", lambda: __import__("contextlib").nullcontext())
+    if installer == "slicer.packaging fails":
+        monkeypatch.setattr(slicer, "packaging", FakePackaging(_called_process_error()), raising=False)
+    elif installer.startswith("PyTorch extension"):
+        class PyTorchUtilsLogic:
+            def installTorch(self, askConfirmation=False):
+                assert askConfirmation
+                if installer.endswith("fails"):
+                    raise ImportError("No module named 'torch'\n(after light-the-torch)")
+                return None  # what installTorch returns when the user cancels
+
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    else:
+        monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True)
+        monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: (_ for _ in ()).throw(_called_process_error()))
+    count = panel.scene.GetNumberOfNodes()
+    with caplog.at_level(logging.WARNING):
+        panel.widget.onApplyButton()
+    status = panel.ui.statusLabel.text
+    if installer == "PyTorch extension declined":
+        assert status == "Not run: installing torch was declined."
+    elif installer == "PyTorch extension fails":
+        assert status == "Not run: installing torch failed: No module named 'torch'"  # one line
+    else:
+        assert status == ("Not run: installing torch failed: Command 'pip install' returned non-zero exit "
+                          "status 1.")
+    assert any("installing torch" in r.getMessage() for r in caplog.records)
+    _assert_not_run_and_usable(panel, count)
+
+
+def test_panel_install_accepted_but_package_still_missing_says_so(panel, monkeypatch):
+    import slicer
+
+    monkeypatch.setattr(panel.module._logic, "missingPackage", lambda backend="auto": "onnxruntime")
+    monkeypatch.setattr(panel.module._logic, "isInstalled", lambda name: False)
+    packaging = FakePackaging(None)
+    packaging.pip_ensure = lambda requirements, requester=None, **kw: None  # e.g. skipped in testing mode
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    count = panel.scene.GetNumberOfNodes()
+    panel.widget.onApplyButton()
+    assert panel.ui.statusLabel.text.startswith("Not run: onnxruntime is not installed")
+    _assert_not_run_and_usable(panel, count)
+
+
+@pytest.mark.parametrize("hu_like", [False, True], ids=["coverage", "coverage+HU"])
+def test_panel_shows_the_input_warnings_of_the_run(panel, monkeypatch, hu_like):
+    """A PET covering about 2/7 of the MRI (shifted 5 of 7 voxels along i): the library's coverage warning
+    reaches the status line and the main window's status bar; further warnings are counted."""
+    import numpy as np
+    import slicer
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda message, *a, **k: shown.append(message))
+    values = slicer.util.arrayFromVolume(panel.p.otherVolume).copy()
+    if hu_like:
+        values[0] = -1000.0  # a plane of Hounsfield-unit air: the library also warns that it looks like a CT
+    matrix = np.diag([1.0, 1.2, 2.0, 1.0])
+    matrix[0, 3] = 5.0  # i spacing 1.0 mm: the PET starts at the MRI's 6th column
+    panel.p.otherVolume = slicer.util.addVolumeFromArray(values, matrix, name="PET shifted")
+    panel.widget.onApplyButton()
+    status = panel.ui.statusLabel.text
+    warnings = panel.widget.logic.lastWarnings
+    assert status.startswith("MRI_PET shifted_fused: fused in ") and "fake on cpu." in status
+    assert "the PET volume covers only 29% of the MRI grid; the rest is fused with 0" in warnings
+    assert f" Warning: {warnings[0]}" in status
+    if hu_like:
+        assert any("like a CT in Hounsfield units" in w for w in warnings)
+    assert len(warnings) >= (2 if hu_like else 1)
+    if len(warnings) > 1:
+        assert status.endswith(f" (+{len(warnings) - 1} more in the Python log)")
+    else:
+        assert "more in the Python log" not in status
+    assert panel.ui.statusLabel.toolTip == "\n".join(warnings)  # all of them on hover
+    assert shown == [status]
+
+
+def test_panel_status_line_formats_zero_one_or_more_warnings(panel, monkeypatch):
+    import slicer
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda message, *a, **k: shown.append(message))
+    node = panel.scene.GetFirstNodeByName("MRI")
+    for warnings, tail in [([], "."),
+                           (["the PET volume covers only 30% of the MRI grid"],
+                            ". Warning: the PET volume covers only 30% of the MRI grid"),
+                           (["first", "second", "third"], ". Warning: first (+2 more in the Python log)")]:
+        panel.widget.logic.lastRun = {"seconds": 1.23, "device": "onnx on cpu", "warnings": warnings}
+        panel.widget.showResult(node)
+        assert panel.ui.statusLabel.text == "MRI: fused in 1.2 s on onnx on cpu" + tail
+        assert panel.ui.statusLabel.toolTip == "\n".join(warnings)
+        assert shown[-1] == panel.ui.statusLabel.text

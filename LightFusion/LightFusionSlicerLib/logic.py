@@ -97,7 +97,8 @@ def gpuName() -> str | None:
 
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
-_TASK_OF_NAME = (("spect", "spect-mri"), ("pet", "pet-mri"), ("ct", "ct-mri"))
+# (name word prefix, task) from the tasks' modalities ('spect', 'pet', 'ct'); longest prefix first
+_TASK_OF_NAME = tuple(sorted(((get_task(t).modality.lower(), t) for t in TASKS), key=lambda kv: -len(kv[0])))
 _MRI_WORDS = ("mr", "t1", "t2")  # 'mri', 'mr', 'mprage'... and T1/T2-weighted names
 
 
@@ -135,7 +136,7 @@ def findSamplePair(folder: Path) -> tuple[Path, Path, str]:
         raise LightFusionInputError(
             f"no sample MRI + PET/SPECT/CT volumes in {folder} (expected files such as mni152-t1.nrrd and "
             "mni152-fdg-pet-sim.nrrd)")
-    task = next(t for t in ("pet-mri", "spect-mri", "ct-mri") if t in others)
+    task = next(t for t in TASKS if t in others)  # in the library's order: PET, SPECT, CT
     return mris[0], others[task], task
 
 
@@ -150,7 +151,7 @@ def guessInputs(scene) -> tuple[object | None, object | None]:
             if node.GetClassName() != className:  # label maps and other subclasses
                 continue
             words = [w for w in re.split(r"[^a-z0-9]+", (node.GetName() or "").lower()) if w]
-            if other is None and any(w.startswith(k) for w in words for k in ("pet", "spect", "ct")):
+            if other is None and any(w.startswith(k) for w in words for k, _ in _TASK_OF_NAME):
                 other = node
             elif (mri is None and className == mrml.SCALAR_CLASS
                   and any(w.startswith(k) for w in words for k in _MRI_WORDS)):
@@ -280,9 +281,7 @@ class LightFusionLogic(_LogicBase):
         logging.info(f"LightFusion: {task} fusion of {otherNode.GetName()} into {mriNode.GetName()} "
                      f"({axis}, {self.describeBackend(backendObject)})")
         pair = prepare_pair(mriImage, otherImage, task, colormap)
-        for warning in pair.warnings:  # the library logs them too (Python log); the panel shows lastWarnings
-            logging.warning(f"LightFusion: {warning}")
-        self.lastWarnings = list(pair.warnings)
+        self.lastWarnings = list(pair.warnings)  # the library logged each one (Python log); the panel shows them
         fused = fuse_prepared(pair, backendObject, axis, batchSize, progress, cancelled)
 
         resultClass = mrml.outputClassForImage(fused)

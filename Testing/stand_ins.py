@@ -1,0 +1,34 @@
+"""Stand-ins shared by the tests: a backend that needs no model, and the real scans' paths."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realdata"
+SPM = REALDATA / "spm12"
+PORCINE_CT = REALDATA / "porcine-head" / "ct.nrrd"
+PORCINE_MR = REALDATA / "porcine-head" / "mr-t2-dicom"
+NEMA_PET = REALDATA / "nema-pet-dicom"
+needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason="../shared/data/realdata not present")
+
+
+class MeanBackend:
+    """Stand-in for a LightFusionLib backend: fused luma = mean of the two inputs (no model), so a
+    test can predict every fused voxel."""
+
+    name = "fake"
+    device = "cpu"
+    preferred_batch = 4
+
+    def __init__(self, task: str = "pet-mri") -> None:
+        self.task = task
+        self.calls = 0
+
+    def __call__(self, mri: np.ndarray, other: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return (np.asarray(mri, np.float32) + np.asarray(other, np.float32)) / 2
+
+    def describe(self) -> str:
+        return "fake on cpu"
