@@ -31,7 +31,7 @@ except ImportError:  # Slicer without translation support
     def _(text):
         return text
 
-from LightFusionLib.tasks import get_task  # the one definition of the tasks (what is functional...)
+from LightFusionLib.tasks import TASK_NAMES, get_task  # the one definition of the tasks (what is functional...)
 from LightFusionSlicerLib import logic as _logic
 from LightFusionSlicerLib.logic import LightFusionLogic  # noqa: F401  (Slicer looks it up here)
 
@@ -74,7 +74,7 @@ def _choiceLabel(value: str) -> str:
         "hot": _("Hot"), "jet": _("Jet"), "none": _("None (grayscale fusion)"),
         "axial": _("Axial"), "coronal": _("Coronal"), "sagittal": _("Sagittal"),
         "auto": _("Auto"), "torch": _("PyTorch"), "onnx": _("ONNX Runtime"), "cpu": _("CPU"), "cuda": _("CUDA GPU"),
-    }[value]
+    }.get(value) or get_task(value).label  # a task new to the library shows its own label until translated
 
 
 class _LabelledChoice:
@@ -84,17 +84,14 @@ class _LabelledChoice:
         return _choiceLabel(self.value)
 
 
-class FusionTask(_LabelledChoice, enum.Enum):
-    PET_MRI = "pet-mri"
-    SPECT_MRI = "spect-mri"
-    CT_MRI = "ct-mri"
-    CUSTOM = "custom"
+def _taskMembers() -> list[tuple[str, str]]:
+    """(member name, value) of every task the library defines: 'pet-mri' -> ('PET_MRI', 'pet-mri')."""
+    return [(name.upper().replace("-", "_"), name) for name in TASK_NAMES]
 
 
-class ModelTask(_LabelledChoice, enum.Enum):
-    PET_MRI = "pet-mri"
-    SPECT_MRI = "spect-mri"
-    CT_MRI = "ct-mri"
+# The panel's task choices are made from the library's task list, never a copy of it.
+ModelTask = enum.Enum("ModelTask", _taskMembers(), type=_LabelledChoice)
+FusionTask = enum.Enum("FusionTask", _taskMembers() + [("CUSTOM", "custom")], type=_LabelledChoice)
 
 
 class Colormap(_LabelledChoice, enum.Enum):

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from LightFusionLib.tasks import TASK_NAMES as TASKS  # the one list of tasks
+from LightFusionLib.backends import BACKENDS, DEVICES  # the library's lists of choices, never copies
+from LightFusionLib.geometry import AXES
+from LightFusionLib.tasks import TASK_NAMES as TASKS
 from LightFusionLib.tasks import get_task
 
 from . import mrml
@@ -41,9 +43,6 @@ except ImportError:  # slicer-core wheel / plain Python: the base class needs Qt
             self.parent = parent
             self.moduleName = "LightFusion"
 
-AXES = ("axial", "coronal", "sagittal")
-BACKENDS = ("auto", "torch", "onnx")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class LightFusionInputError(ValueError):
