@@ -60,9 +60,9 @@ def choose_backend(backend: str = "auto", device: str = "auto") -> tuple[str, st
     auto: torch on CUDA when a GPU is there; else ONNX Runtime on CPU when installed; else torch CPU.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise LightFusionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        raise LightFusionError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     has_torch, has_ort = is_installed("torch"), is_installed("onnxruntime")
     if backend == "auto":
         if device in ("auto", "cuda") and cuda_available():
@@ -225,7 +225,7 @@ def load_backend(model: str | Path | None = None, task: str = "pet-mri", backend
     task = check_task(task)
     if model is not None and Path(model).suffix.lower() == ".onnx":
         if backend == "torch":
-            raise ValueError("an .onnx model runs on the onnx backend, not torch")
+            raise ModelError(f"model {model} is an .onnx model: it runs on the onnx backend, not torch")
         backend = "onnx"
     if model is not None and Path(model).suffix.lower() != ".onnx" and backend == "auto":
         backend = "torch" if is_installed("torch") else backend
@@ -242,5 +242,5 @@ def load_backend(model: str | Path | None = None, task: str = "pet-mri", backend
     if half:
         raise BackendUnavailable(f"half precision runs on the torch backend on a CUDA GPU, not on onnx on {dev}")
     if model is not None and Path(model).suffix.lower() != ".onnx":
-        raise ValueError(f"backend 'onnx' needs an .onnx model, got {model}")
+        raise ModelError(f"backend 'onnx' needs an .onnx model, got {model} (export it with lightfusion export-onnx)")
     return OnnxBackend(task, resolve_model_path(model, task, ".onnx"), dev, **options)

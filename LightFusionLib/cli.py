@@ -1,18 +1,92 @@
 """The ``lightfusion`` command line: train, evaluate, fuse, demo, benchmark, export-onnx.
 
-Every user error ends as one line ``lightfusion: error: <what is wrong>`` on stderr and exit code 2;
-outputs are written atomically, so a failed run leaves nothing behind.
+Every user error (a bad option, input or output; an OS error such as a full disk) ends as one line
+``lightfusion <command>: error: <what is wrong>`` on stderr and exit code 2; every output path is
+checked before the work starts, and outputs are written atomically, so a failed run leaves nothing
+behind. Library warnings are one line each, ``lightfusion <command>: warning: ...``. Any other
+exception is a bug: a short traceback and exit code 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
+from .colormaps import COLORMAPS, NONE
+from .errors import FusionCancelled, LightFusionError
+from .fileio import TEMP_PREFIX, check_output_file, os_error_reason
 from .tasks import TASK_NAMES
 
 TASK_CHOICES = list(TASK_NAMES)
+BUG_FRAMES = 4  # frames of a bug's traceback shown: where it broke, not the whole call chain
+# Our temporaries are named TEMP_PREFIX<host>-<pid>-<random>-<target name>: a message shows the target.
+_TEMP_NAME = re.compile(rf"{re.escape(TEMP_PREFIX)}[0-9a-f]{{6}}-\d+-[0-9a-f]{{8}}-|\.lightfusion-probe-[0-9a-f]{{8}}-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``lightfusion fuse: error: argument --task: ...`` and exit 2,
+    without the usage block (``--help`` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(_TEMP_NAME.sub("", text).split())
+
+
+# --- option types: a bad value is an argparse error naming the option -------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1 is needed, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16], each >= 1."""
+    try:
+        return [_positive_int(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"comma-separated whole numbers >= 1 are needed (e.g. 1,4,16), "
+                                         f"got {text!r}") from None
+
+
+def _volume_size(text: str) -> tuple[int, int, int]:
+    """'X,Y,Z' -> (x, y, z); the synthetic PET is half that size and must still hold a head."""
+    try:
+        x, y, z = (int(v) for v in text.split(","))
+    except ValueError:
+        x = y = z = 0
+    if min(x, y, z) < 16:
+        raise argparse.ArgumentTypeError(f"three whole numbers X,Y,Z of at least 16 are needed "
+                                         f"(e.g. 256,256,256), got {text!r}")
+    return x, y, z
+
+
+def _window(text: str) -> tuple[float, float]:
+    """'LO,HI' -> (lo, hi); the library checks lo < hi."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a window is two numbers LO,HI (e.g. 0,80), got {text!r}") from None
+    return lo, hi
+
+
+def _colormap(text: str) -> str:
+    name = text.strip().lower()
+    if name not in COLORMAPS + (NONE,):
+        raise argparse.ArgumentTypeError(f"unknown colour map {text!r}; choose one of "
+                                         f"{', '.join(COLORMAPS + (NONE,))}")
+    return name
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -36,13 +110,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         gradient=args.w_gradient if args.w_gradient is not None else weights.gradient,
         ssim=args.w_ssim if args.w_ssim is not None else weights.ssim,
     )
+    try:
+        network = NetworkConfig(width=args.width, reduction=args.reduction, attention=args.attention, conv=args.conv)
+    except ValueError as exc:  # NetworkConfig says what does not fit, as a plain ValueError
+        raise LightFusionError(f"--width/--reduction: {exc}") from None
     cfg = TrainConfig(
         data=Path(args.data), task=args.task, out=Path(args.out), epochs=args.epochs,
         batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed, device=args.device,
         resume=Path(args.resume) if args.resume else None,
         val_cases=[c.strip() for c in args.val_cases.split(",") if c.strip()] if args.val_cases else [],
-        crops_per_image=args.crops_per_image, loss_weights=weights, force=args.force,
-        network=NetworkConfig(width=args.width, reduction=args.reduction, attention=args.attention, conv=args.conv),
+        crops_per_image=args.crops_per_image, loss_weights=weights, force=args.force, network=network,
         threads=args.threads, val_every=args.val_every,
     )
     result = train(cfg)
@@ -53,6 +130,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, format_table
 
+    if args.json:
+        check_output_file(args.json, "JSON report")
     report = evaluate(args.data, args.task, model=args.model,
                       methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                       backend=args.backend, device=args.device, save_images=args.save_images,
@@ -64,24 +143,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _window(text: str | None) -> tuple[float, float] | None:
-    """'LO,HI' -> (lo, hi); the volume module checks lo < hi."""
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"a window is two numbers LO,HI (e.g. 0,80), got {text!r}") from None
-    return lo, hi
-
-
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .fusion import fuse_files
 
     result = fuse_files(args.mri, args.other, args.output, task=args.task, model=args.model, axis=args.axis,
                         backend=args.backend, device=args.device, colormap=args.colormap,
                         batch_size=args.batch_size, progress=not args.quiet,
-                        mri_window=_window(args.mri_window), other_window=_window(args.other_window),
+                        mri_window=args.mri_window, other_window=args.other_window,
                         plane_size=args.plane_size or None, half=args.half)
     print(f"wrote {result.output}: {result.planes} {args.axis} planes in {result.seconds:.1f} s "
           f"({result.planes_per_second:.1f} planes/s) with {result.backend}")
@@ -98,10 +166,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import format_report, run_benchmark
 
-    report = run_benchmark(task=args.task, backend=args.backend, device=args.device,
-                           batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                           volume=not args.no_volume, seconds=args.seconds,
-                           volume_shape=tuple(int(v) for v in args.volume_size.split(",")), half=args.half)
+    if args.json:
+        check_output_file(args.json, "JSON report")
+    report = run_benchmark(task=args.task, backend=args.backend, device=args.device, batch_sizes=args.batch_sizes,
+                           volume=not args.no_volume, seconds=args.seconds, volume_shape=args.volume_size,
+                           half=args.half)
     print(format_report(report))
     if args.json:
         _write_json(args.json, report)
@@ -124,34 +193,34 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightfusion", description="LightFusionNet medical image fusion")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lightfusion", description="LightFusionNet medical image fusion")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model on paired 2-D slices (unsupervised)")
     p.add_argument("--data", required=True, help="folder with MRI/ and PET/|SPECT/|CT/ (paired file names)")
     p.add_argument("--task", required=True, choices=TASK_CHOICES)
     p.add_argument("--out", required=True, help="model file to write (.pt)")
-    p.add_argument("--epochs", type=int, default=100, help="default 100 (paper: 200; see the model card)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--epochs", type=_positive_int, default=100, help="default 100 (paper: 200; see the model card)")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--crop", type=_positive_int, default=64, help="crop size (at least 11, the SSIM window)")
     p.add_argument("--lr", type=float, default=1e-3, help="default 1e-3 (paper: 1e-4; see the model card)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", help="checkpoint to continue from (<out>.checkpoint.pt)")
     p.add_argument("--val-cases", help="comma-separated case ids held out for validation, e.g. 41")
-    p.add_argument("--crops-per-image", type=int, default=1, help="random crops per image per epoch")
+    p.add_argument("--crops-per-image", type=_positive_int, default=1, help="random crops per image per epoch")
     p.add_argument("--loss-preset", default="auto", choices=["auto", "eq5", "ablation"],
                    help="eq5: I20/G100/S50 (paper eq. 5); ablation: I100/G50/S20 (paper Table 5); "
                         "auto: the one validated for the task (eq5 for PET/SPECT, ablation for CT)")
     p.add_argument("--w-intensity", type=float)
     p.add_argument("--w-gradient", type=float)
     p.add_argument("--w-ssim", type=float)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--reduction", type=int, default=4)
+    p.add_argument("--width", type=_positive_int, default=16)
+    p.add_argument("--reduction", type=_positive_int, default=4, help="PCA bottleneck ratio (divides --width)")
     p.add_argument("--attention", default="pca", choices=["pca", "conv", "channel", "spatial", "none"])
     p.add_argument("--conv", default="dsc", choices=["dsc", "standard"])
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--val-every", type=int, default=10, help="validate every N epochs (and at the end)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--val-every", type=_positive_int, default=10, help="validate every N epochs (and at the end)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=_cmd_train)
 
@@ -177,11 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="pet-mri", choices=TASK_CHOICES)
     p.add_argument("--model", help="model file (.pt or .onnx) instead of the task's shipped model")
     p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
-    p.add_argument("--colormap", help="colour map for scalar PET/SPECT: harvard-pet (PET default), "
+    p.add_argument("--colormap", type=_colormap, help="colour map for scalar PET/SPECT: harvard-pet (PET default), "
                                       "harvard-spect (SPECT default), hot, jet; 'none' for grayscale output")
     p.add_argument("--batch-size", type=int, help="planes per network call (default: the backend's choice)")
-    p.add_argument("--mri-window", metavar="LO,HI", help="MRI intensity window (default: robust percentiles)")
-    p.add_argument("--other-window", metavar="LO,HI",
+    p.add_argument("--mri-window", type=_window, metavar="LO,HI", help="MRI intensity window (default: robust percentiles)")
+    p.add_argument("--other-window", type=_window, metavar="LO,HI",
                    help="PET/SPECT/CT window in its units (default: percentiles; CT in HU: 0,80)")
     p.add_argument("--plane-size", type=int, default=256,
                    help="planes run at N x N (aspect kept, padded); 0 = native size (default 256)")
@@ -199,11 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="parameters, FLOPs and speed")
     p.add_argument("--task", default="pet-mri", choices=TASK_CHOICES)
-    p.add_argument("--batch-sizes", default="1,4,16")
+    p.add_argument("--batch-sizes", type=_int_list, default="1,4,16", help="comma-separated (default 1,4,16)")
     p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     p.add_argument("--no-volume", action="store_true", help="skip the end-to-end volume benchmark")
-    p.add_argument("--volume-size", default="256,256,256", help="X,Y,Z voxels of the synthetic MRI volume")
-    p.add_argument("--json")
+    p.add_argument("--volume-size", type=_volume_size, default="256,256,256",
+                   help="X,Y,Z voxels of the synthetic MRI volume (each at least 16)")
+    p.add_argument("--json", help="write the report as JSON here")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_benchmark)
 
@@ -211,37 +281,71 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--task", choices=TASK_CHOICES)
     group.add_argument("--model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write (.onnx)")
     p.set_defaults(func=_cmd_export_onnx)
     return parser
 
 
-# Errors a user can cause; anything else is a bug and keeps its traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .backends import BackendUnavailable
-    from .data import DataError
-    from .models import ModelError
+# The errors we raise on purpose; OSError is handled on its own (its reason in words).
+USER_ERRORS = (LightFusionError, FusionCancelled)
 
-    errors: list[type[BaseException]] = [DataError, ModelError, BackendUnavailable, FileExistsError,
-                                         FileNotFoundError, PermissionError, ValueError]
-    from .errors import FusionCancelled, VolumeError
 
-    errors += [VolumeError, FusionCancelled]
-    return tuple(errors)
+def _os_error_message(exc: OSError) -> str:
+    """'/data/x.png: permission denied': the path and the cause in words the user can act on."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{paths}: {os_error_reason(exc)}" if paths else os_error_reason(exc)
+
+
+def _report_bug(prog: str, exc: BaseException) -> None:
+    """A short traceback (the innermost frames, where it broke) and one line saying it is a bug."""
+    frames = traceback.extract_tb(exc.__traceback__)[-BUG_FRAMES:]
+    print(f"Traceback (innermost {len(frames)} frames):", file=sys.stderr)
+    print("".join(traceback.format_list(frames)), end="", file=sys.stderr)
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    print(f"{prog}: internal error (a bug, please report it): {type(exc).__name__}: {first_line}", file=sys.stderr)
+
+
+class _WarningLines(logging.Formatter):
+    """``lightfusion fuse: warning: <message>`` on one line."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self.prog}: {record.levelname.lower()}: {_one_line(record.getMessage())}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or an argparse error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
+    prog = f"{parser.prog} {args.command}"
+    # The library logs input warnings on the "LightFusionLib" logger; show them on the terminal for
+    # this run only (main() is also called in-process: handlers must not pile up).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_WarningLines(prog))
+    library_log = logging.getLogger(__package__)
+    library_log.addHandler(handler)
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("lightfusion: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as exc:
-        message = " ".join(str(exc).split())  # one line
-        print(f"lightfusion {args.command}: error: {message}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # not caught where it happened: still the user's disk, permissions, ...
+        print(f"{prog}: error: {_one_line(_os_error_message(exc))}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: keep where it broke, so that it gets reported
+        _report_bug(prog, exc)
+        return 1
+    finally:
+        library_log.removeHandler(handler)
 
 
 if __name__ == "__main__":

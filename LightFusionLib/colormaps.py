@@ -27,6 +27,8 @@ import functools
 
 import numpy as np
 
+from .errors import LightFusionError
+
 # name -> per-channel (positions, values) in [0,1] x [0,255]; linear in between (matplotlib style).
 _P = 1.0 / 127.0  # harvard-pet: 128-entry table, corners at entries 15, 31, 63, 95, 127
 _S = 1.0 / 155.0  # harvard-spect: 156-entry table, corners at entries 23, 54, 86, 124, 155
@@ -65,7 +67,7 @@ def lookup_table(name: str, size: int = LUT_SIZE) -> np.ndarray:
     """(size, 3) float32 RGB table on the 0-255 scale for colour map ``name``."""
     key = name.strip().lower()
     if key not in _CONTROL:
-        raise ValueError(f"unknown colour map {name!r}; choose one of {', '.join(COLORMAPS + (NONE,))}")
+        raise LightFusionError(f"unknown colour map {name!r}; choose one of {', '.join(COLORMAPS + (NONE,))}")
     t = np.linspace(0.0, 1.0, size)
     return np.stack([np.interp(t, x, y) for x, y in _CONTROL[key]], axis=-1).astype(np.float32)
 

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .colour import luma
-from .fileio import atomic_output
+from .fileio import atomic_output, check_output_file, check_output_folder
 from .metrics import METRIC_NAMES, evaluate_fusion
 from .errors import VolumeError
 from .fusion import PreparedPair, fuse_prepared, prepare_pair, progress_bar, resolve_backend
@@ -26,6 +26,7 @@ from .volumeio import read_volume, write_volume
 SAMPLE_MRI = "mni152-t1.nrrd"
 SAMPLE_PET = "mni152-fdg-pet-sim.nrrd"
 CELL = 256  # montage cell size (pixels)
+OUTPUTS = ("fused.nrrd", "montage.png", "metrics.json")
 
 
 def sample_data_dir() -> Path:
@@ -128,10 +129,9 @@ def run_demo(out: str | Path = "lightfusion-demo", backend="auto", device: str =
     """Fuse the bundled pair (axial planes, PET-MRI model) and write fused.nrrd, montage.png and
     metrics.json into ``out`` (created). Prints where they went and the timing; returns the summary."""
     mri_path, pet_path = sample_paths()
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise VolumeError(f"demo output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(out, "demo output folder")
+    for name in OUTPUTS:
+        check_output_file(out / name, "demo output")
     t_start = time.perf_counter()
     pair = prepare_pair(read_volume(mri_path, "MRI"), read_volume(pet_path, "PET"), "pet-mri")
     fuser = resolve_backend(backend, model, "pet-mri", device, half)

@@ -13,7 +13,9 @@ import numpy as np
 
 from .baselines import BASELINES
 from .colour import luma, replace_luma
-from .data import find_pairs, load_pairs
+from .data import DataError, find_pairs, load_pairs
+from .errors import LightFusionError
+from .fileio import check_output_folder
 from .tasks import check_task
 from .metrics import METRIC_NAMES, evaluate_fusion
 
@@ -43,22 +45,23 @@ def evaluate(data: str | Path, task: str, model: str | Path | None = None,
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise LightFusionError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     pairs = find_pairs(data, task)
     if cases:
         pairs = [p for p in pairs if p.case in set(cases)]
         if not pairs:
-            raise ValueError(f"no pairs of case(s) {', '.join(cases)} in {data}")
-    arrays = load_pairs(pairs)
-    mri = arrays.mri.astype(np.float32) / 255.0
-    colour = arrays.other.ndim == 4
-    other_y = luma(arrays.other) / 255.0
-
+            raise DataError(f"no pairs of case(s) {', '.join(cases)} in {data}")
     net = None
     if "lightfusion" in methods:
         from .backends import load_backend
 
         net = load_backend(model, task, backend, device, half=half)
+    arrays = load_pairs(pairs)
+    if save_images:  # inputs are all checked: make (and check) it now, not after every method has run
+        check_output_folder(save_images, "image folder")
+    mri = arrays.mri.astype(np.float32) / 255.0
+    colour = arrays.other.ndim == 4
+    other_y = luma(arrays.other) / 255.0
 
     report = {"task": task, "pairs": len(pairs), "methods": {}}
     if net is not None:

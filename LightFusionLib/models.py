@@ -97,7 +97,10 @@ def load_model(model: str | Path | None, task: str, strict_task: bool = True):
     payload = read_model_file(path)
     if strict_task and payload["task"] != task:
         raise ModelError(f"model {path} was trained for {payload['task']}, not {task}")
-    net = LightFusionNet(NetworkConfig.from_dict(payload["config"]))
+    try:
+        net = LightFusionNet(NetworkConfig.from_dict(payload["config"]))
+    except (KeyError, TypeError, ValueError) as exc:  # a model file whose config is not one we wrote
+        raise ModelError(f"model {path} has an unusable network config: {exc}") from None
     try:
         net.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

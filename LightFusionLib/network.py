@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LightFusionError
+
 ATTENTION_VARIANTS = ("pca", "conv", "channel", "spatial", "none")
 CONV_VARIANTS = ("dsc", "standard")
 
@@ -30,11 +32,11 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_VARIANTS:
-            raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {self.attention!r}")
+            raise LightFusionError(f"attention must be one of {ATTENTION_VARIANTS}, got {self.attention!r}")
         if self.conv not in CONV_VARIANTS:
-            raise ValueError(f"conv must be one of {CONV_VARIANTS}, got {self.conv!r}")
-        if self.width < 2 or self.width % self.reduction:
-            raise ValueError(f"width {self.width} must be a multiple of reduction {self.reduction}")
+            raise LightFusionError(f"conv must be one of {CONV_VARIANTS}, got {self.conv!r}")
+        if self.width < 2 or self.reduction < 1 or self.width % self.reduction:
+            raise LightFusionError(f"width {self.width} must be a multiple of reduction {self.reduction}")
 
     def to_dict(self) -> dict:
         return asdict(self)

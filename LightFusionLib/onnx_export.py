@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .fileio import atomic_output
+from .errors import LightFusionError
+from .fileio import OutputError, atomic_output, check_output_file
 from .models import load_model, read_model_file, resolve_model_path
 
 OPSET = 17
@@ -17,16 +18,16 @@ OPSET = 17
 
 def export_onnx(model: str | Path | None, task: str | None, output: str | Path) -> Path:
     """Export ``model`` (a .pt file) or, when None, the shipped model of ``task`` to ``output``."""
+    if model is None and task is None:
+        raise LightFusionError("give a task or a model file to export")
+    output = Path(output)
+    if output.suffix.lower() != ".onnx":
+        raise OutputError(f"output {output} must end in .onnx")
+    check_output_file(output, "output", (Path(model),) if model is not None else ())
+
     import onnx
     import torch
 
-    if model is None and task is None:
-        raise ValueError("give a task or a model file to export")
-    output = Path(output)
-    if output.suffix.lower() != ".onnx":
-        raise ValueError(f"output {output} must end in .onnx")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"output folder {output.parent} does not exist")
     if task is None:
         task = read_model_file(resolve_model_path(model, "pet-mri"))["task"]
     net, payload = load_model(model, task)

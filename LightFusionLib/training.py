@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from .data import DataError, find_pairs, load_pairs, random_crops, split_by_case, to_unit
-from .fileio import atomic_output
+from .errors import LightFusionError
+from .fileio import OutputError, atomic_output, check_output_file
 from .losses import LOSS_PRESETS, LossWeights
 from .tasks import check_task, get_task
-from .models import read_model_file, save_model
+from .models import ModelError, read_model_file, save_model
 from .network import NetworkConfig
 
 LOG_FIELDS = ["epoch", "lr", "loss", "intensity", "gradient", "ssim", "val_loss", "seconds"]
+SSIM_WINDOW = 11  # the SSIM loss's window (losses.ssim): a smaller crop has no valid region
 
 
 @dataclass
@@ -60,10 +62,12 @@ def select_device(device: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; an unavailable 'cuda' is an error."""
     import torch
 
+    from .backends import BackendUnavailable
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
+        raise BackendUnavailable("device 'cuda' requested but no CUDA GPU is available to torch")
     return device
 
 
@@ -80,23 +84,35 @@ def _validation_loss(model, loss_fn, mri: np.ndarray, other: np.ndarray, device:
     return total / len(mri)
 
 
+def check_options(cfg: TrainConfig) -> None:
+    """Refuse, before any work, options that cannot train and outputs that cannot be written: the
+    model, and the checkpoint and log written beside it after every epoch."""
+    out = Path(cfg.out)
+    for path, what in ((out, "output"), (checkpoint_path(out), "checkpoint"), (log_path(out), "training log")):
+        check_output_file(path, what)
+    if out.exists() and not cfg.force and cfg.resume is None:
+        raise OutputError(f"output {out} exists; pass --force to overwrite it")
+    for name, value, least in (("epochs", cfg.epochs, 1), ("batch size", cfg.batch_size, 1),
+                               ("crop", cfg.crop, SSIM_WINDOW), ("crops per image", cfg.crops_per_image, 1),
+                               ("val every", cfg.val_every, 1), ("seed", cfg.seed, 0), ("threads", cfg.threads or 1, 1)):
+        if value < least:
+            raise LightFusionError(f"{name} must be >= {least}, got {value}")
+    if not cfg.lr > 0:
+        raise LightFusionError(f"learning rate must be > 0, got {cfg.lr}")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train and write the model to ``cfg.out``. Returns a summary dict (epochs, seconds, losses)."""
+    task = check_task(cfg.task)
+    check_options(cfg)
+    out = Path(cfg.out)
+
     import torch
     from tqdm import tqdm
 
     from .losses import FusionLoss
     from .network import LightFusionNet
 
-    task = check_task(cfg.task)
-    out = Path(cfg.out)
-    if out.exists() and not cfg.force and cfg.resume is None:
-        raise FileExistsError(f"output {out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output folder {out.parent} does not exist")
-    for name, value in (("epochs", cfg.epochs), ("batch size", cfg.batch_size), ("crop", cfg.crop)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = select_device(cfg.device)
@@ -122,9 +138,9 @@ def train(cfg: TrainConfig) -> dict:
         payload = read_model_file(cfg.resume)
         state = payload.get("training")
         if state is None:
-            raise ValueError(f"{cfg.resume} is a model without training state; cannot resume from it")
+            raise ModelError(f"{cfg.resume} is a model without training state; cannot resume from it")
         if payload["task"] != task:
-            raise ValueError(f"checkpoint {cfg.resume} is for {payload['task']}, not {task}")
+            raise ModelError(f"checkpoint {cfg.resume} is for {payload['task']}, not {task}")
         model = LightFusionNet(NetworkConfig.from_dict(payload["config"])).to(device)
         model.load_state_dict(payload["state_dict"])
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
