@@ -49,6 +49,7 @@ import SimpleITK as sitk
 from .backends import BackendOutOfMemory, FusionBackend, load_backend
 from .colormaps import NONE, apply_colormap, lookup_table
 from .colour import luma, replace_luma
+from .dicom import dicom_modality
 from .errors import FusionCancelled, VolumeError
 from .fileio import same_path
 from .geometry import (NET_SIZE, PlaneGrid, check_axis, describe_bounds, from_canonical, resample_onto,
@@ -70,30 +71,27 @@ __all__ = ["FusionCancelled", "VolumeError", "PreparedPair", "prepare_pair", "fu
 # ----------------------------------------------------------------------------------------------
 # warnings about inputs that look wrong
 # ----------------------------------------------------------------------------------------------
-def _dicom_modality(image: sitk.Image) -> str | None:
-    key = "0008|0060"
-    return image.GetMetaData(key).strip().upper() or None if image.HasMetaDataKey(key) else None
-
-
 def input_warnings(mri: sitk.Image, other: sitk.Image, task: str | Task) -> list[str]:
     """Warnings (one line each) about a checked pair that is usable but looks wrong: the DICOM
     Modality against the argument order and the task; without headers, Hounsfield-unit air where it
     does not belong (only evidence that is reliable: no warning on any real aligned pair we test)."""
     task = get_task(task)
     found = []
-    mri_modality, other_modality = _dicom_modality(mri), _dicom_modality(other)
-    if mri_modality and mri_modality not in MRI_DICOM_MODALITIES:
-        swapped = other_modality in MRI_DICOM_MODALITIES
-        found.append(f"the MRI volume is a DICOM {mri_modality} series, not MR"
-                     + ("; the two volumes look swapped (give the MRI first)" if swapped else ""))
-    if other_modality and other_modality not in task.dicom_modalities:
-        if other_modality in MRI_DICOM_MODALITIES:
-            found.append(f"the {task.modality} volume is a DICOM MR series; are the two volumes swapped "
-                         "(the MRI goes first)?")
-        else:
-            expected = "/".join(task.dicom_modalities)
-            found.append(f"the {task.modality} volume is a DICOM {other_modality} series, not {expected}; "
-                         f"check --task (it is {task.name})")
+    mri_modality, other_modality = dicom_modality(mri), dicom_modality(other)
+    mri_is_mr = mri_modality is None or mri_modality in MRI_DICOM_MODALITIES
+    other_is_mr = other_modality in MRI_DICOM_MODALITIES
+    if not mri_is_mr and other_is_mr:  # one warning for the pair, not one per volume
+        found.append(f"the MRI volume is a DICOM {mri_modality} series and the {task.modality} volume an MR "
+                     "series: the two volumes look swapped (give the MRI first)")
+    elif not mri_is_mr:
+        found.append(f"the MRI volume is a DICOM {mri_modality} series, not MR")
+    elif other_is_mr:
+        found.append(f"the {task.modality} volume is a DICOM MR series; are the two volumes swapped "
+                     "(the MRI goes first)?")
+    if other_modality and not other_is_mr and other_modality not in task.dicom_modalities:
+        expected = "/".join(task.dicom_modalities)
+        found.append(f"the {task.modality} volume is a DICOM {other_modality} series, not {expected}; "
+                     f"check --task (it is {task.name})")
     if other.GetNumberOfComponentsPerPixel() == 1:
         other_hu = looks_like_hu(voxel_sample(sitk.GetArrayViewFromImage(other)))
         if task.functional and other_hu and other_modality is None:
@@ -169,7 +167,7 @@ def _warn(found: list[str], message: str) -> None:
 def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colormap: str | None = None,
                  mri_window: tuple[float, float] | None = None,
                  other_window: tuple[float, float] | None = None,
-                 check_alignment: bool = False) -> PreparedPair:  # TEMP
+                 check_alignment: bool = True) -> PreparedPair:
     """Check both volumes, warn about suspicious ones, orient canonically, window each from its own
     voxels, resample ``other`` onto the MRI grid. ``check_alignment``: measure whether the pair is
     aligned and warn when it clearly is not (about 0.1-0.5 s)."""
@@ -190,10 +188,7 @@ def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colo
     lut = None
     if task_info.functional and not rgb_in and cmap != NONE:
         cmap = cmap or task_info.default_colormap
-        try:
-            lut = lookup_table(cmap)
-        except ValueError as exc:
-            raise VolumeError(str(exc)) from None
+        lut = lookup_table(cmap)
     cmap = "rgb input" if rgb_in and not grayscale else (cmap or NONE)
 
     found: list[str] = []
@@ -214,7 +209,7 @@ def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colo
 
         report = measure(mri, other)
         if report.misaligned:
-            _warn(found, report.describe())
+            _warn(found, report.describe("MRI", task_info.modality))
 
     m = sitk.GetArrayFromImage(sitk.Cast(reference, sitk.sitkFloat32))
     mri_window = mri_window or robust_window(m, "mri")
@@ -228,7 +223,7 @@ def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colo
             o = np.clip(np.rint(o), 0, 255).astype(np.uint8)
     else:
         if other_window is None:  # from the volume's own voxels, not the part on the MRI grid
-            hounsfield = True if _dicom_modality(other) == "CT" else None
+            hounsfield = True if dicom_modality(other) == "CT" else None
             other_window = robust_window(sitk.GetArrayViewFromImage(other_c), task_info.window, hounsfield)
         apply_window(o, other_window)
     return PreparedPair(reference, task, m, o, lut, cmap, mri_window, other_window if not rgb_in else None,
@@ -440,11 +435,11 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
     if mri_p.exists() and other_p.exists() and same_path(mri_p, other_p):
         raise VolumeError(f"the MRI and the other volume are the same file ({mri_p}); give two different volumes")
     check_output_path(out_p, [mri_p, other_p])
+    fuser = resolve_backend(backend, model, task_info.name, device, half)  # a model that does not load: before reading
     mri_img = read_volume(mri_p, "MRI")
     other_img = read_volume(other_p, task_info.modality)
     pair = prepare_pair(mri_img, other_img, task_info.name, colormap, mri_window, other_window)
     check_output_format(out_p, pair.rgb_output)
-    fuser = resolve_backend(backend, model, task_info.name, device, half)
     n = pair.reference.GetSize()[slicing_axis(pair.reference, axis)]
 
     with progress_bar(n, f"fusing ({fuser.describe()})", progress) as callback:
