@@ -119,7 +119,8 @@ class PreparedPair:
     float32 [0, 1] (windowed scalar) or uint8 (K, J, I, 3) RGB. ``lut``: (256, 3) colour map for a
     scalar ``other`` (None: grayscale). ``coverage``: fraction of MRI voxels inside ``other``'s
     field of view. Windows are in each volume's units. ``warnings``: one line each, see
-    :func:`input_warnings`.
+    :func:`input_warnings`. ``transform``: MRI -> other physical points, applied when resampling
+    (None: identity); ``registration``: what a registration found, when one ran.
     """
 
     reference: sitk.Image
@@ -133,6 +134,8 @@ class PreparedPair:
     coverage: float
     mri_grid: sitk.Image | None = None
     warnings: list[str] = field(default_factory=list)
+    transform: sitk.Transform | None = None
+    registration: object | None = None  # a registration.RegistrationResult when the pair was registered
 
     @property
     def rgb_output(self) -> bool:
@@ -167,10 +170,17 @@ def _warn(found: list[str], message: str) -> None:
 def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colormap: str | None = None,
                  mri_window: tuple[float, float] | None = None,
                  other_window: tuple[float, float] | None = None,
-                 check_alignment: bool = True) -> PreparedPair:
+                 check_alignment: bool = True, transform: sitk.Transform | None = None,
+                 register: str = "none", register_progress: ProgressFn | None = None) -> PreparedPair:
     """Check both volumes, warn about suspicious ones, orient canonically, window each from its own
-    voxels, resample ``other`` onto the MRI grid. ``check_alignment``: measure whether the pair is
-    aligned and warn when it clearly is not (about 0.1-0.5 s)."""
+    voxels, resample ``other`` onto the MRI grid.
+
+    ``transform``: maps MRI physical points to ``other``'s (ITK's convention, as a registration
+    returns it and a .tfm file holds it); ``other`` is resampled through it. ``register``: 'rigid'
+    or 'affine' registers ``other`` to the MRI first (:mod:`LightFusionLib.registration`;
+    ``register_progress(level, levels)``), 'none' uses the volumes as they lie. ``check_alignment``:
+    measure whether the pair is aligned and warn when it clearly is not (about 0.1-0.5 s; after a
+    registration its own before/after measure is reported instead)."""
     task_info = get_task(task)
     task = task_info.name
     mri = check_volume(mri, "MRI")
@@ -195,19 +205,29 @@ def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colo
     for message in input_warnings(mri, other, task_info):
         _warn(found, message)
 
+    registration = None
+    if register not in ("none", None):
+        if transform is not None:
+            raise VolumeError("give either a transform or a registration kind, not both")
+        from .registration import register as run_registration
+
+        registration = run_registration(mri, other, register, register_progress)
+        transform = registration.transform
+        log.info(registration.describe())
+
     reference = to_canonical(mri)
     other_c = to_canonical(other)
-    resampled, coverage = resample_onto(reference, other_c)
+    resampled, coverage = resample_onto(reference, other_c, transform)
     if coverage == 0.0:
         raise VolumeError(f"the MRI {describe_bounds(mri)} and the {task_info.modality} volume {describe_bounds(other)} "
-                          "do not overlap in physical space; they must be registered first")
+                          "do not overlap in physical space; if they show the same anatomy, register them (--register rigid)")
     if coverage < LOW_COVERAGE:
         _warn(found, f"the {task_info.modality} volume covers only {100 * coverage:.0f}% of the MRI grid; the rest "
                      "is fused with 0")
-    if check_alignment and not rgb_in:
+    if check_alignment and not rgb_in and registration is None:
         from .alignment import check_alignment as measure
 
-        report = measure(mri, other)
+        report = measure(mri, other, transform)
         if report.misaligned:
             _warn(found, report.describe("MRI", task_info.modality))
 
@@ -227,7 +247,7 @@ def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colo
             other_window = robust_window(sitk.GetArrayViewFromImage(other_c), task_info.window, hounsfield)
         apply_window(o, other_window)
     return PreparedPair(reference, task, m, o, lut, cmap, mri_window, other_window if not rgb_in else None,
-                        coverage, mri_grid=mri, warnings=found)
+                        coverage, mri_grid=mri, warnings=found, transform=transform, registration=registration)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,8 +376,8 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
                  colormap: str | None = None, batch_size: int | None = None, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None, mri_window: tuple[float, float] | None = None,
                  other_window: tuple[float, float] | None = None, plane_size: int | None = NET_SIZE,
-                 half: bool = False) -> sitk.Image:
-    """Fuse a 3-D MRI with a co-registered PET / SPECT / CT volume; the result lies on the MRI grid.
+                 half: bool = False, transform: sitk.Transform | None = None, register: str = "none") -> sitk.Image:
+    """Fuse a 3-D MRI with a PET / SPECT / CT volume; the result lies on the MRI grid.
 
     Args:
         mri: scalar 3-D image (K, J, I voxels); its grid (size, spacing, origin, direction) is the output's.
@@ -379,6 +399,10 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
             volume's own voxels, see :mod:`LightFusionLib.windows`).
         plane_size: planes are run at plane_size x plane_size (aspect kept, padded); None = native size.
         half: fp16 inference (torch on CUDA only; within 1 grey level of fp32).
+        transform: MRI -> ``other`` physical points (ITK's convention; e.g. from
+            :func:`LightFusionLib.registration.register_volumes` or a .tfm file), applied to ``other``.
+        register: 'none' (the volumes are aligned as they lie), 'rigid' or 'affine' (register
+            ``other`` to the MRI first; see :func:`prepare_pair`).
 
     Returns:
         SimpleITK image on the MRI grid: ``sitkVectorUInt8`` RGB for PET/SPECT (coloured or RGB
@@ -392,8 +416,8 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
     """
     task = get_task(task).name
     _check_options(axis, plane_size, batch_size)
-    pair = prepare_pair(mri, other, task, colormap, mri_window, other_window)
     fuser = resolve_backend(backend, model, task, device, half)
+    pair = prepare_pair(mri, other, task, colormap, mri_window, other_window, transform=transform, register=register)
     return fuse_prepared(pair, fuser, axis, batch_size, progress, cancel, plane_size)
 
 
@@ -411,6 +435,8 @@ class FileFusion:
     backend: str
     coverage: float
     warnings: list[str] = field(default_factory=list)
+    registration: object | None = None  # registration.RegistrationResult when --register ran
+    transform_file: Path | None = None  # where the transform was saved
 
     @property
     def planes_per_second(self) -> float:
@@ -422,10 +448,15 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
                device: str = "auto", colormap: str | None = None, batch_size: int | None = None,
                progress: bool | ProgressFn = False, cancel: CancelFn | None = None,
                mri_window: tuple[float, float] | None = None, other_window: tuple[float, float] | None = None,
-               plane_size: int | None = NET_SIZE, half: bool = False) -> FileFusion:
+               plane_size: int | None = NET_SIZE, half: bool = False, register: str = "none",
+               transform: str | Path | sitk.Transform | None = None,
+               save_transform: str | Path | None = None) -> FileFusion:
     """Read two volumes (any SimpleITK format or a DICOM series folder), fuse, write ``output``
-    atomically and verified, in the format of its extension. ``progress=True`` shows a tqdm bar.
+    atomically and verified, in the format of its extension. ``progress=True`` shows tqdm bars.
 
+    ``register`` ('none' | 'rigid' | 'affine') registers the other volume to the MRI first;
+    ``transform`` (a .tfm file or a SimpleITK transform, MRI -> other points as ITK writes them)
+    applies a saved or external one instead; ``save_transform`` writes the transform used (.tfm).
     Refuses the same file given twice and an output onto an input; on any error nothing is written
     and the inputs are untouched. Raises VolumeError / ModelError / FusionCancelled.
     """
@@ -435,10 +466,25 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
     if mri_p.exists() and other_p.exists() and same_path(mri_p, other_p):
         raise VolumeError(f"the MRI and the other volume are the same file ({mri_p}); give two different volumes")
     check_output_path(out_p, [mri_p, other_p])
+    if register not in ("none", None) and transform is not None:
+        raise VolumeError("give either --register or --transform, not both")
+    if save_transform is not None:
+        from .registration import check_transform_output
+
+        check_transform_output(save_transform, [mri_p, other_p, out_p])
+        if register in ("none", None) and transform is None:
+            raise VolumeError("--save-transform needs --register rigid|affine or --transform")
+    if isinstance(transform, (str, Path)):
+        from .registration import read_transform
+
+        transform = read_transform(transform)
     fuser = resolve_backend(backend, model, task_info.name, device, half)  # a model that does not load: before reading
     mri_img = read_volume(mri_p, "MRI")
     other_img = read_volume(other_p, task_info.modality)
-    pair = prepare_pair(mri_img, other_img, task_info.name, colormap, mri_window, other_window)
+    with progress_bar(0, "registering", progress if register not in ("none", None) else None,
+                      unit="level") as register_progress:
+        pair = prepare_pair(mri_img, other_img, task_info.name, colormap, mri_window, other_window,
+                            transform=transform, register=register, register_progress=register_progress)
     check_output_format(out_p, pair.rgb_output)
     n = pair.reference.GetSize()[slicing_axis(pair.reference, axis)]
 
@@ -447,17 +493,28 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
         fused = fuse_prepared(pair, fuser, axis, batch_size, callback, cancel, plane_size)
         seconds = time.perf_counter() - t0
     write_volume(fused, out_p)
-    return FileFusion(out_p, n, seconds, fuser.describe(), pair.coverage, list(pair.warnings))
+    saved = None
+    if save_transform is not None:
+        from .registration import write_transform
+
+        saved = write_transform(pair.transform, save_transform)
+    return FileFusion(out_p, n, seconds, fuser.describe(), pair.coverage, list(pair.warnings),
+                      pair.registration, saved)
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str, progress: bool | ProgressFn | None):
-    """Yield the ``progress(done, total)`` callback to use: a tqdm bar when ``progress`` is True,
-    the given callable as is, or None."""
+def progress_bar(total: int, desc: str, progress: bool | ProgressFn | None, unit: str = "plane"):
+    """Yield the ``progress(done, total)`` callback to use: a tqdm bar when ``progress`` is True
+    (its total set from the first call when ``total`` is 0), the given callable as is, or None."""
     if progress is not True:
         yield progress if callable(progress) else None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="plane", desc=desc, leave=False) as bar:
-        yield lambda done, _total: bar.update(done - bar.n)
+    with tqdm(total=total or None, unit=unit, desc=desc, leave=False) as bar:
+        def update(done: int, total_now: int) -> None:
+            if bar.total != total_now:
+                bar.total = total_now
+            bar.update(done - bar.n)
+
+        yield update

@@ -15,7 +15,7 @@ from LightFusionLib.colormaps import COLORMAPS, apply_colormap, lookup_table
 from LightFusionLib.colour import rgb_to_yuv
 from LightFusionLib.models import ModelError
 from LightFusionLib.tasks import TASKS
-from LightFusionLib.errors import FusionCancelled, VolumeError
+from LightFusionLib.errors import FusionCancelled, LightFusionError, VolumeError
 from LightFusionLib.fusion import fuse_files, fuse_volumes, prepare_pair
 from LightFusionLib.geometry import PlaneGrid, resample_onto, same_grid, slicing_axis, to_canonical
 from LightFusionLib.volumeio import check_volume
@@ -428,7 +428,7 @@ def test_bad_options_are_refused():
         fuse_volumes(mri, pet, batch_size=0, backend=placeholder())
     with pytest.raises(VolumeError, match="plane size"):
         fuse_volumes(mri, pet, plane_size=4, backend=placeholder())
-    with pytest.raises(VolumeError, match="unknown colour map"):
+    with pytest.raises(LightFusionError, match="unknown colour map"):
         fuse_volumes(mri, pet, colormap="viridis", backend=placeholder())
     with pytest.raises(VolumeError, match="not to CT-MRI"):
         fuse_volumes(mri, pet, task="ct-mri", colormap="hot", backend=placeholder("ct-mri"))
