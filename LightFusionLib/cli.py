@@ -1,4 +1,4 @@
-"""The ``lightfusion`` command line: train, evaluate, fuse, demo, benchmark, export-onnx.
+"""The ``lightfusion`` command line: train, evaluate, fuse, demo, benchmark, export-onnx, info.
 
 Every user error (a bad option, input or output; an OS error such as a full disk) ends as one line
 ``lightfusion <command>: error: <what is wrong>`` on stderr and exit code 2; every output path is
@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from . import __version__
 from .colormaps import COLORMAPS, NONE
 from .errors import FusionCancelled, LightFusionError
 from .fileio import TEMP_PREFIX, check_output_file, os_error_reason
@@ -92,7 +93,8 @@ def _colormap(text: str) -> str:
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
                    help="inference backend (auto: torch on CUDA, else ONNX Runtime on CPU if installed, else torch)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the network runs (auto: a CUDA GPU when the backend sees one, else the CPU)")
     p.add_argument("--half", action="store_true",
                    help="fp16 inference on a CUDA GPU with torch (within 1 grey level of fp32)")
 
@@ -146,13 +148,55 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .fusion import fuse_files
 
-    result = fuse_files(args.mri, args.other, args.output, task=args.task, model=args.model, axis=args.axis,
+    dicom = _DicomOutput(args) if args.format == "dicom" else None  # checked before any work
+    result = fuse_files(args.mri, args.other, dicom.volume if dicom else args.output, task=args.task,
+                        model=args.model, axis=args.axis,
                         backend=args.backend, device=args.device, colormap=args.colormap,
                         batch_size=args.batch_size, progress=not args.quiet,
                         mri_window=args.mri_window, other_window=args.other_window,
                         plane_size=args.plane_size or None, half=args.half)
-    print(f"wrote {result.output}: {result.planes} {args.axis} planes in {result.seconds:.1f} s "
+    written = dicom.write() if dicom else f"{result.output}"
+    print(f"wrote {written}: {result.planes} {args.axis} planes in {result.seconds:.1f} s "
           f"({result.planes_per_second:.1f} planes/s) with {result.backend}")
+    return 0
+
+
+class _DicomOutput:
+    """``fuse --format dicom``: the MRI must be a DICOM series folder and ``-o`` a new folder (both
+    checked first); the fused volume goes to a hidden temporary volume beside the folder, which
+    :meth:`write` turns into the DICOM series (:func:`LightFusionLib.dicom_write.write_dicom_series`)
+    and removes."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from .dicom_write import check_dicom_source
+        from .fileio import check_new_output_folder, temp_path_for
+
+        self.args = args
+        self.source = check_dicom_source(args.mri, "MRI")
+        self.folder = check_new_output_folder(args.output, "DICOM output folder",
+                                              (Path(args.mri), Path(args.other)))
+        self.volume = temp_path_for(self.folder.parent / "fused.nrrd")
+
+    def write(self) -> str:
+        from .dicom_write import write_dicom_series
+        from .tasks import get_task
+        from .volumeio import read_volume
+
+        try:
+            fused = read_volume(self.volume, "fused volume")
+            write_dicom_series(fused, self.source, self.folder, task=self.args.task,
+                               other_modality=get_task(self.args.task).modality)
+        finally:
+            self.volume.unlink(missing_ok=True)
+        kind = "RGB" if fused.GetNumberOfComponentsPerPixel() == 3 else "MONOCHROME2"
+        return f"{self.folder} (DICOM series, {fused.GetSize()[2]} {kind} instances)"
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import format_info, gather_info
+
+    info = gather_info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
 
@@ -194,41 +238,47 @@ def _write_json(path: str, obj: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lightfusion", description="LightFusionNet medical image fusion")
+    parser.add_argument("--version", action="version", version=f"lightfusion {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model on paired 2-D slices (unsupervised)")
     p.add_argument("--data", required=True, help="folder with MRI/ and PET/|SPECT/|CT/ (paired file names)")
-    p.add_argument("--task", required=True, choices=TASK_CHOICES)
+    p.add_argument("--task", required=True, choices=TASK_CHOICES, help="the fusion task the model is for")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
     p.add_argument("--epochs", type=_positive_int, default=100, help="default 100 (paper: 200; see the model card)")
-    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="image pairs per optimiser step (default 4)")
     p.add_argument("--crop", type=_positive_int, default=64, help="crop size (at least 11, the SSIM window)")
     p.add_argument("--lr", type=float, default=1e-3, help="default 1e-3 (paper: 1e-4; see the model card)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed on the CPU: same weights)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to train (auto: a CUDA GPU when torch sees one, else the CPU)")
     p.add_argument("--resume", help="checkpoint to continue from (<out>.checkpoint.pt)")
     p.add_argument("--val-cases", help="comma-separated case ids held out for validation, e.g. 41")
     p.add_argument("--crops-per-image", type=_positive_int, default=1, help="random crops per image per epoch")
     p.add_argument("--loss-preset", default="auto", choices=["auto", "eq5", "ablation"],
                    help="eq5: I20/G100/S50 (paper eq. 5); ablation: I100/G50/S20 (paper Table 5); "
                         "auto: the one validated for the task (eq5 for PET/SPECT, ablation for CT)")
-    p.add_argument("--w-intensity", type=float)
-    p.add_argument("--w-gradient", type=float)
-    p.add_argument("--w-ssim", type=float)
-    p.add_argument("--width", type=_positive_int, default=16)
+    p.add_argument("--w-intensity", type=float, help="intensity loss weight (overrides the preset's)")
+    p.add_argument("--w-gradient", type=float, help="gradient loss weight (overrides the preset's)")
+    p.add_argument("--w-ssim", type=float, help="SSIM loss weight (overrides the preset's)")
+    p.add_argument("--width", type=_positive_int, default=16, help="feature channels of the network (default 16)")
     p.add_argument("--reduction", type=_positive_int, default=4, help="PCA bottleneck ratio (divides --width)")
-    p.add_argument("--attention", default="pca", choices=["pca", "conv", "channel", "spatial", "none"])
-    p.add_argument("--conv", default="dsc", choices=["dsc", "standard"])
+    p.add_argument("--attention", default="pca", choices=["pca", "conv", "channel", "spatial", "none"],
+                   help="attention block (pca: Predictive Context Attention, the paper's; others for ablations)")
+    p.add_argument("--conv", default="dsc", choices=["dsc", "standard"],
+                   help="convolutions: depthwise-separable (dsc, the paper's) or standard")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("--val-every", type=_positive_int, default=10, help="validate every N epochs (and at the end)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="score LightFusion and baselines on paired slices")
-    p.add_argument("--data", required=True)
-    p.add_argument("--task", required=True, choices=TASK_CHOICES)
+    p.add_argument("--data", required=True, help="folder with MRI/ and PET/|SPECT/|CT/ (paired file names)")
+    p.add_argument("--task", required=True, choices=TASK_CHOICES, help="the fusion task to score")
     p.add_argument("--model", help="model file (default: the shipped model of the task)")
-    p.add_argument("--methods", default="lightfusion,average,max,laplacian")
+    p.add_argument("--methods", default="lightfusion,average,max,laplacian",
+                   help="comma-separated methods to score (default lightfusion,average,max,laplacian)")
     p.add_argument("--cases", help="only these comma-separated case ids (e.g. a validation split)")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--save-images", help="folder for the fused images (<method>/<name>.png)")
@@ -239,13 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fuse", help="fuse two co-registered 3-D volumes (output on the MRI grid)",
                        description="Fuse an MRI with a PET/SPECT/CT volume that is already registered to it "
                                    "(registration is not done here). Inputs: any format SimpleITK reads or a "
-                                   "DICOM series folder; the output format follows OUT's extension.")
+                                   "DICOM series folder; the output format follows OUT's extension, or "
+                                   "--format dicom writes a DICOM series into the new folder OUT.")
     p.add_argument("mri", help="MRI volume (file or DICOM series folder)")
     p.add_argument("other", help="PET / SPECT / CT volume (file or DICOM series folder)")
-    p.add_argument("-o", "--output", required=True, help="output file (.nrrd, .nii.gz, .mha, ...)")
-    p.add_argument("--task", default="pet-mri", choices=TASK_CHOICES)
+    p.add_argument("-o", "--output", required=True,
+                   help="output file (.nrrd, .nii.gz, .mha, ...; colour NIfTI is RGB24), or a new folder "
+                        "with --format dicom")
+    p.add_argument("--format", default="auto", choices=["auto", "dicom"],
+                   help="auto: from OUT's extension; dicom: a DICOM series (one file per slice) in the new "
+                        "folder OUT, in the MRI's patient and study (the MRI must be a DICOM series folder)")
+    p.add_argument("--task", default="pet-mri", choices=TASK_CHOICES,
+                   help="pet-mri (default), spect-mri or ct-mri: which shipped model and colour handling")
     p.add_argument("--model", help="model file (.pt or .onnx) instead of the task's shipped model")
-    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
+                   help="planes the network sees (default axial)")
     p.add_argument("--colormap", type=_colormap, help="colour map for scalar PET/SPECT: harvard-pet (PET default), "
                                       "harvard-spect (SPECT default), hot, jet; 'none' for grayscale output")
     p.add_argument("--batch-size", type=int, help="planes per network call (default: the backend's choice)")
@@ -267,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("benchmark", help="parameters, FLOPs and speed")
-    p.add_argument("--task", default="pet-mri", choices=TASK_CHOICES)
+    p.add_argument("--task", default="pet-mri", choices=TASK_CHOICES, help="whose shipped model to time (default pet-mri)")
     p.add_argument("--batch-sizes", type=_int_list, default="1,4,16", help="comma-separated (default 1,4,16)")
     p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     p.add_argument("--no-volume", action="store_true", help="skip the end-to-end volume benchmark")
@@ -279,10 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-onnx", help="export a model to ONNX (dynamic batch and size)")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--task", choices=TASK_CHOICES)
-    group.add_argument("--model")
+    group.add_argument("--task", choices=TASK_CHOICES, help="export the shipped model of this task")
+    group.add_argument("--model", help="export this model file (.pt)")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write (.onnx)")
     p.set_defaults(func=_cmd_export_onnx)
+
+    p = sub.add_parser("info", help="version, shipped models, backends and devices",
+                       description="Print the version, the models found (task, file, parameters), the "
+                                   "inference backends installed and the devices they can use.")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 

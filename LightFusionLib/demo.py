@@ -30,16 +30,12 @@ OUTPUTS = ("fused.nrrd", "montage.png", "metrics.json")
 
 
 def sample_data_dir() -> Path:
-    """Folder of the bundled sample volumes: $LIGHTFUSION_SAMPLE_DATA, else ``Resources/SampleData``
-    beside the package (source checkout) or inside it (Slicer install layout)."""
+    """Folder of the bundled sample volumes: $LIGHTFUSION_SAMPLE_DATA when set, else
+    ``Resources/SampleData`` inside the package (checkout, wheel and Slicer install alike)."""
     env = os.environ.get("LIGHTFUSION_SAMPLE_DATA")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "Resources" / "SampleData", here / "Resources" / "SampleData"):
-        if (candidate / SAMPLE_MRI).is_file():
-            return candidate
-    return here.parent / "Resources" / "SampleData"
+    return Path(__file__).resolve().parent / "Resources" / "SampleData"
 
 
 def sample_paths() -> tuple[Path, Path]:
@@ -58,7 +54,7 @@ def hottest_point(pair: PreparedPair, sigma_mm: float = 4.0) -> tuple[float, flo
     other = luma(pair.other) if pair.other.ndim == 4 else pair.other
     img = sitk.GetImageFromArray(np.ascontiguousarray(other, np.float32))
     img.CopyInformation(pair.reference)
-    smooth = sitk.GetArrayViewFromImage(sitk.SmoothingRecursiveGaussian(img, sigma_mm))
+    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, sigma_mm))  # a view would outlive its image
     k, j, i = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
     return pair.reference.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
 

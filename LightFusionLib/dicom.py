@@ -2,7 +2,8 @@
 
 Two readers, :func:`read_dicom_series` (a folder holding one series) and :func:`read_dicom_file`
 (one file), both returning a SimpleITK image, plus :func:`dicom_modality` to read the DICOM
-Modality back from a returned image.
+Modality back from a returned image and :func:`dicom_series_files` (a series folder's files in
+slice order; the DICOM writer, :mod:`LightFusionLib.dicom_write`, derives its series from them).
 
 Why not SimpleITK alone
 -----------------------
@@ -101,19 +102,7 @@ def read_dicom_series(folder: str | Path, role: str = "volume") -> sitk.Image:
     """
     folder = Path(folder)
     where = f"{role} folder {folder}"
-    if not folder.is_dir():
-        raise DicomError(f"{where} does not exist or is not a folder")
-    with _itk_warnings_off():
-        try:
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-            if len(ids) == 1:
-                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
-        except RuntimeError as exc:
-            raise DicomError(f"cannot read {where}: {_sitk_message(exc)}") from None
-    if not ids:
-        raise DicomError(f"{where} holds no DICOM series")
-    if len(ids) > 1:
-        raise DicomError(f"{where} holds {len(ids)} DICOM series; one folder must hold one series")
+    files = dicom_series_files(folder, role)
     headers = [_read_header(Path(f), role) for f in files]
 
     reader = sitk.ImageSeriesReader()
@@ -128,6 +117,28 @@ def read_dicom_series(folder: str | Path, role: str = "volume") -> sitk.Image:
         image = _with_modality_values(image, headers, where)
     _set_metadata(image, headers[0])
     return image
+
+
+def dicom_series_files(folder: str | Path, role: str = "volume") -> list[str]:
+    """The files of the one DICOM series in ``folder``, in the order SimpleITK (GDCM) stacks them:
+    file k is slice k of :func:`read_dicom_series`'s image. Raises DicomError for a missing folder,
+    no series or several series."""
+    folder = Path(folder)
+    where = f"{role} folder {folder}"
+    if not folder.is_dir():
+        raise DicomError(f"{where} does not exist or is not a folder")
+    with _itk_warnings_off():
+        try:
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+            if len(ids) == 1:
+                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
+        except RuntimeError as exc:
+            raise DicomError(f"cannot read {where}: {_sitk_message(exc)}") from None
+    if not ids:
+        raise DicomError(f"{where} holds no DICOM series")
+    if len(ids) > 1:
+        raise DicomError(f"{where} holds {len(ids)} DICOM series; one folder must hold one series")
+    return list(files)
 
 
 def read_dicom_file(path: str | Path, role: str = "volume") -> sitk.Image:

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -52,7 +53,8 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
     """Delete temporaries left in ``folder`` by killed runs: ours from a process of this host that
-    no longer runs, or any of ours older than an hour. Returns what was removed."""
+    no longer runs, or any of ours older than an hour. Returns what was removed. Temporary folders
+    (:func:`atomic_output_folder`, e.g. a DICOM series being written) are removed with their files."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -64,11 +66,15 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
         if match is None and not _LEGACY_TEMP.match(entry.name):
             continue
         try:
-            if not entry.is_file(follow_symlinks=False):
+            is_folder = match is not None and entry.is_dir(follow_symlinks=False)
+            if not (entry.is_file(follow_symlinks=False) or is_folder):
                 continue
             dead = match is not None and match["host"] == _HOST and not _pid_alive(int(match["pid"]))
             if dead or now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S:
-                os.unlink(entry.path)
+                if is_folder:
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:
             continue
@@ -108,6 +114,46 @@ def atomic_output(path: str | Path, verify: Callable[[Path], None] | None = None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output_folder(path: str | Path, verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; on success run ``verify(tmp)`` (it raises if the
+    folder does not hold what was meant to be written), then rename it to ``path`` (which must not
+    exist, or be an empty folder); delete it and its files on any error. Readers never see a
+    half-written series, and a failed write leaves nothing behind."""
+    target = Path(path)
+    remove_stale_temp_files(target.parent)
+    tmp = temp_path_for(target)
+    try:
+        tmp.mkdir()
+        yield tmp
+        if verify is not None:
+            verify(tmp)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty folder made for the output; os.rename would refuse a non-empty one
+        os.rename(tmp, target)
+    except OSError as exc:
+        raise OutputError(describe_os_error(exc, target)) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_new_output_folder(path: str | Path, what: str = "output folder", inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse, before any work, an output folder that exists and is not empty (nothing is ever
+    written into or over an existing folder's files), is a file, is or lies inside an input, or
+    whose parent folder is missing or not writable."""
+    out = Path(path)
+    for p in inputs:
+        if same_path(out, p) or (p.is_dir() and same_path(out.parent, p)):
+            raise OutputError(f"{what} {out} is or lies in the input {p}; choose a new folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{what} {out} is a file; give the name of a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"{what} {out} exists and is not empty; give a new folder")
+    check_output_folder(out.parent, f"{what}'s parent folder", create=False)
+    return out
 
 
 def check_output_file(path: str | Path, what: str = "output", inputs: tuple[Path, ...] = ()) -> Path:

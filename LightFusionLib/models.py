@@ -1,4 +1,4 @@
-"""Model files: saving, loading, and the shipped per-task models in ``Resources/Models``.
+"""Model files: saving, loading, and the shipped per-task models in ``LightFusionLib/Resources/Models``.
 
 A model file (``.pt``) is a torch pickle of plain data:
 ``{"format": FORMAT, "task": str, "config": NetworkConfig dict, "state_dict": ..., "meta": {...}}``;
@@ -22,20 +22,17 @@ class ModelError(LightFusionError):
 
 
 def models_dir() -> Path:
-    """Folder of the shipped models: $LIGHTFUSION_MODELS, else ``Resources/Models`` beside the
-    package (source checkout, and the Slicer install layout, which puts Resources/ next to it)."""
+    """Folder of the shipped models: $LIGHTFUSION_MODELS when set, else ``Resources/Models`` inside
+    the package. One place for every install: a source checkout, a wheel (package data) and the
+    Slicer extension (its CMake installs the same files beside the installed package)."""
     env = os.environ.get("LIGHTFUSION_MODELS")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "Resources" / "Models", here / "Resources" / "Models"):
-        if candidate.is_dir():
-            return candidate
-    return here.parent / "Resources" / "Models"
+    return Path(__file__).resolve().parent / "Resources" / "Models"
 
 
 def shipped_model_path(task: str, suffix: str = ".pt") -> Path:
-    """Path of the shipped model for ``task`` ('pet-mri' -> Resources/Models/pet-mri.pt)."""
+    """Path of the shipped model for ``task`` ('pet-mri' -> <models_dir>/pet-mri.pt)."""
     path = models_dir() / f"{check_task(task)}{suffix}"
     if not path.is_file():
         raise ModelError(f"no shipped model for task {task!r} at {path}")

@@ -190,8 +190,16 @@ def _read_back_problem(tmp: Path, image: sitk.Image) -> str | None:
 def write_volume(image: sitk.Image, path: str | Path) -> Path:
     """Write atomically (compressed where the format allows) and verified: the file is read back
     and compared with ``image`` voxel for voxel before it replaces anything (a writer can report a
-    full disk only on stderr and leave a truncated file). Raises VolumeError / OutputError."""
+    full disk only on stderr and leave a truncated file). Raises VolumeError / OutputError.
+
+    A 3-D 8-bit RGB volume written to ``.nii``/``.nii.gz`` becomes an RGB24 NIfTI (datatype 128, what
+    NIfTI viewers show as colour) through nibabel (:mod:`LightFusionLib.nifti`), not SimpleITK's
+    5-D vector image; scalar volumes and every other format go through SimpleITK."""
     path = Path(path)
+    from .nifti import is_nifti_path, is_rgb_volume, write_rgb_nifti
+
+    if is_nifti_path(path) and is_rgb_volume(image):
+        return write_rgb_nifti(image, path)
     written = {"native": ""}
 
     def verify(tmp: Path) -> None:

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 pytest.importorskip("onnxruntime")
 
 REPO = Path(__file__).resolve().parents[1]
-ONNX = REPO / "Resources" / "Models" / "pet-mri.onnx"
+ONNX = REPO / "LightFusionLib" / "Resources" / "Models" / "pet-mri.onnx"
 
 # Make `import torch` fail the way it does where torch is not installed.
 BLOCK_TORCH = """

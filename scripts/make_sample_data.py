@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Make the bundled sample pair in ``Resources/SampleData`` from the MNI ICBM152 2009a template.
+"""Make the bundled sample pair in ``LightFusionLib/Resources/SampleData`` from the MNI ICBM152 2009a template.
 
 - ``mni152-t1.nrrd``: the T1 template cropped to the head (10 mm margin), 1.5 mm isotropic, uint8,
   stored RAS like the template (SimpleITK direction diag(-1, -1, 1)).
@@ -11,7 +11,7 @@
   left, grey-matter uptake x 0.25, radius 18 mm); blurred to PET resolution (6 mm FWHM) and
   resampled to the PET grid; Gaussian noise with variance proportional to the uptake (seeded).
 
-Usage: python scripts/make_sample_data.py [--src ../shared/data/mni152] [--out Resources/SampleData]
+Usage: python scripts/make_sample_data.py [--src ../shared/data/mni152] [--out LightFusionLib/Resources/SampleData]
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def make_pet(t1: sitk.Image, gm: sitk.Image, wm: sitk.Image, seed: int = 0) -> s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", default=str(ROOT.parent / "shared" / "data" / "mni152"))
-    parser.add_argument("--out", default=str(ROOT / "Resources" / "SampleData"))
+    parser.add_argument("--out", default=str(ROOT / "LightFusionLib" / "Resources" / "SampleData"))
     args = parser.parse_args(argv)
     src, out = Path(args.src), Path(args.out)
     t1, gm, wm = (sitk.ReadImage(str(src / n)) for n in (T1, GM, WM))
