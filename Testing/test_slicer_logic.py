@@ -8,6 +8,7 @@ one test runs a shipped model end to end on a small volume.
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +332,35 @@ def test_input_warnings_are_kept_in_last_run_and_logged(scene, pair, caplog):
     assert logic.lastWarnings == []
 
 
+def test_library_log_records_reach_the_application_handlers_on_the_calling_thread(scene, pair):
+    """The volumes are prepared on a worker thread; what the library logs there is handed to the root
+    logger's handlers (in Slicer: the error log and Python console, Qt objects of the main thread) by the
+    calling thread."""
+    import logging
+    import threading
+
+    mri, _ = pair
+    shifted = node_matrix(mri).copy()
+    shifted[:3, 3] += 7 * shifted[:3, 0]
+    partial = add_volume(blob((9, 12, 10), np.float32, seed=3, scale=5.0), shifted, "PET partial")
+    seen = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            seen.append((record.name, record.getMessage(), threading.current_thread() is threading.main_thread()))
+
+    recorder = Recorder(logging.WARNING)
+    logging.getLogger().addHandler(recorder)
+    try:
+        LightFusionLogic().process(mri, partial, backend=MeanBackend())
+    finally:
+        logging.getLogger().removeHandler(recorder)
+    library = [entry for entry in seen if entry[0].startswith("LightFusionLib")]
+    assert library and all(on_main for _, _, on_main in library)
+    assert any("covers only 30%" in message for _, message, _ in library)
+    assert logging.getLogger("LightFusionLib").propagate  # restored after the run
+
+
 def test_given_output_node_is_reused_and_an_empty_one_gets_the_fused_name(scene, pair):
     mri, pet = pair
     logic = LightFusionLogic()
@@ -456,14 +486,18 @@ def test_expected_output_class_and_missing_package_rules(monkeypatch):
     assert lf_logic.missingPackage("torch") == "torch"
     assert lf_logic.missingPackage("onnx") is None
     installed["onnxruntime"] = False
-    assert lf_logic.missingPackage("auto") == "torch"
+    # nothing installed: 'auto' offers the module's requirements.txt (ONNX Runtime, small, CPU);
+    # PyTorch only when asked for (backend 'torch')
+    assert lf_logic.missingPackage("auto") == "onnxruntime"
+    assert lf_logic.requirementFor("onnxruntime") == "onnxruntime>=1.17"
     assert lf_logic.missingPackage("onnx") == "onnxruntime"
+    assert lf_logic.missingPackage("torch") == "torch"
 
 
 def test_models_and_sample_data_are_found_beside_the_library():
-    assert lf_logic.modelsDir().resolve() == (REPO / "Resources" / "Models").resolve() or \
+    assert lf_logic.modelsDir().resolve() == (REPO / "LightFusionLib" / "Resources" / "Models").resolve() or \
         "LIGHTFUSION_MODELS" in __import__("os").environ
-    assert lf_logic.sampleDataDir() == REPO / "Resources" / "SampleData"
+    assert lf_logic.sampleDataDir() == REPO / "LightFusionLib" / "Resources" / "SampleData"
 
 
 def test_sample_pair_lookup(tmp_path):
@@ -484,6 +518,8 @@ def test_sample_pair_lookup(tmp_path):
 
 
 def test_load_volume_file_round_trip(scene, tmp_path):
+    """Loaded as Slicer loads files: a storage node on the file (so the scene can be saved) and a display
+    node; voxels and geometry as in the file."""
     image = sitk.GetImageFromArray(blob((4, 5, 6), np.int16))
     origin, spacing, direction = mrml.geometryFromIJKToRAS(ijk_to_ras())
     image.SetOrigin(origin)
@@ -492,6 +528,12 @@ def test_load_volume_file_round_trip(scene, tmp_path):
     sitk.WriteImage(image, str(tmp_path / "brain_mri.nrrd"))
     node = LightFusionLogic.loadVolumeFile(tmp_path / "brain_mri.nrrd")
     assert node.GetName() == "brain_mri" and node.GetClassName() == "vtkMRMLScalarVolumeNode"
+    storage = node.GetStorageNode()
+    assert storage is not None and storage.GetClassName() == "vtkMRMLVolumeArchetypeStorageNode"
+    assert Path(storage.GetFileName()) == tmp_path / "brain_mri.nrrd"
+    assert node.GetDisplayNode() is not None
+    with pytest.raises(LightFusionInputError, match="no such file"):
+        LightFusionLogic.loadVolumeFile(tmp_path / "missing.nrrd")
     assert np.allclose(node_matrix(node), ijk_to_ras(), atol=1e-5)
     assert np.array_equal(slicer.util.arrayFromVolume(node), sitk.GetArrayFromImage(image))
 
@@ -541,6 +583,8 @@ def test_load_sample_data_and_fuse(scene, tmp_path):
     logic = LightFusionLogic()
     mri, pet, task = logic.loadSampleData(folder=tmp_path)
     assert (mri.GetName(), pet.GetName(), task) == ("mni152-t1", "mni152-fdg-pet-sim", "pet-mri")
+    assert [Path(n.GetStorageNode().GetFileName()).name for n in (mri, pet)] == ["mni152-t1.nrrd",
+                                                                                 "mni152-fdg-pet-sim.nrrd"]
     assert mri.GetClassName() == pet.GetClassName() == "vtkMRMLScalarVolumeNode"
     image = mrml.imageFromVolumeNode(mri)
     assert np.allclose(image.GetDirection(), reference.GetDirection())
@@ -560,3 +604,449 @@ def test_bundled_sample_data_loads_if_present(scene):
     mri, other, task = LightFusionLogic().loadSampleData()
     assert mri.GetClassName() == "vtkMRMLScalarVolumeNode" and task in lf_logic.TASKS
     assert mri.GetImageData().GetNumberOfPoints() > 0 and other.GetImageData().GetNumberOfPoints() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the bundled sample pair as a Sample Data source
+
+def test_sample_data_source_for_the_sample_data_module(tmp_path):
+    import hashlib
+
+    write_sample_pair(tmp_path)
+    source = lf_logic.sampleDataSource(tmp_path)
+    assert source["category"] == "LightFusion" and source["sampleName"] == "LightFusion PET-MRI"
+    assert source["fileNames"] == ["mni152-t1.nrrd", "mni152-fdg-pet-sim.nrrd"]
+    assert source["nodeNames"] == ["mni152-t1", "mni152-fdg-pet-sim"]
+    assert source["uris"] == [(tmp_path / name).resolve().as_uri() for name in source["fileNames"]]
+    assert source["checksums"] == [f"SHA256:{hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()}"
+                                   for n in source["fileNames"]]
+    assert lf_logic.sampleFolderFromSource(types.SimpleNamespace(uris=source["uris"])) == tmp_path.resolve()
+    with pytest.raises(LightFusionInputError, match="no sample MRI"):
+        lf_logic.sampleDataSource(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------------------------------
+# parameter node and preselection (the raw vtkMRMLScriptedModuleNode; the widget wraps it)
+
+def test_parameter_node_is_one_singleton_per_scene(scene):
+    logic = LightFusionLogic()
+    node = logic.getParameterNode()
+    assert node.GetClassName() == "vtkMRMLScriptedModuleNode" and node.GetAttribute("ModuleName") == "LightFusion"
+    assert LightFusionLogic().getParameterNode() is node
+    scene.Clear(0)  # a closed scene resets the singleton (and what it remembered)
+    assert logic.getParameterNode() is node and node.GetAttribute("ModuleName") == "LightFusion"
+
+
+def test_preselection_offers_each_volume_once_and_respects_a_cleared_selector(scene):
+    node = LightFusionLogic().getParameterNode()
+    assert lf_logic.inputsToPreselect(scene, node, None, None) == (None, None)
+    t1 = add_volume(np.ones((2, 2, 2)), None, "sub01_T1w")
+    pet = add_volume(np.ones((2, 2, 2)), None, "sub01 FDG PET")
+    assert lf_logic.inputsToPreselect(scene, node, None, None) == (t1, pet)
+    # the user cleared both selectors: entering the module again does not put them back
+    assert lf_logic.inputsToPreselect(scene, node, None, None) == (None, None)
+    # a volume loaded later is offered (once)
+    t2 = add_volume(np.ones((2, 2, 2)), None, "sub02_T2")
+    assert lf_logic.inputsToPreselect(scene, node, None, pet) == (t2, None)
+    assert lf_logic.inputsToPreselect(scene, node, None, pet) == (None, None)
+    # what the user selected by hand counts as seen too
+    ct = add_volume(np.ones((2, 2, 2)), None, "CT head")
+    lf_logic.rememberSelection(node, ct)
+    assert lf_logic.inputsToPreselect(scene, node, t1, None) == (None, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# registration transforms: SimpleITK (ITK: MRI -> other points, LPS) <-> Slicer transform node
+
+def euler(seed=0):
+    rng = np.random.default_rng(seed)
+    return sitk.Euler3DTransform(tuple(rng.uniform(-20, 20, 3)), *rng.uniform(-0.3, 0.3, 3), tuple(rng.uniform(-15, 15, 3)))
+
+
+def affine(seed=1):
+    rng = np.random.default_rng(seed)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple((np.eye(3) + rng.uniform(-0.1, 0.1, (3, 3))).ravel()))
+    transform.SetTranslation(tuple(rng.uniform(-10, 10, 3)))
+    transform.SetCenter(tuple(rng.uniform(-30, 30, 3)))
+    return transform
+
+
+def node_points_in_world(node, transform_node=None):
+    """World RAS positions of some of ``node``'s voxel centres when it is placed under ``transform_node``
+    (Slicer's own transform pipeline: the node's transform to world)."""
+    dims = node.GetImageData().GetDimensions()
+    ijk = np.array([[0, 0, 0], [dims[0] - 1, 0, 0], [0, dims[1] - 1, dims[2] - 1], [dims[0] // 2, 1, dims[2] - 1]],
+                   float)
+    local = (node_matrix(node) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    if transform_node is None:
+        return local, local
+    to_world = vtk.vtkGeneralTransform()
+    transform_node.GetTransformToWorld(to_world)
+    return local, np.array([to_world.TransformPoint(p) for p in local])
+
+
+@pytest.mark.parametrize("make", [euler, affine], ids=["rigid", "affine"])
+@pytest.mark.parametrize("other_parent", [False, True], ids=["other-at-world", "other-under-a-transform"])
+def test_registration_transform_node_puts_the_other_volume_where_simpleitk_maps_it(scene, make, other_parent):
+    """ITK's transform maps MRI points (LPS) to the other volume's. The transform node, with the other
+    volume under it, must place each voxel of the other volume at the MRI point that the ITK transform
+    maps onto that voxel: T(LPS(world)) == LPS(where the voxel was), within 1e-6 mm. With a parent
+    transform already on the other volume, the node composes it (the other volume goes under the node
+    instead of its old parent)."""
+    transform = make()
+    other = add_volume(blob((5, 6, 7)), ijk_to_ras(), "PET")
+    if other_parent:
+        parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "scanner shift")
+        shift = np.eye(4)
+        shift[:3, :3] = rotation(0.05, -0.1, 0.2)
+        shift[:3, 3] = (7.0, -3.0, 12.0)
+        parent.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+        other.SetAndObserveTransformNodeID(parent.GetID())
+    shown_before = node_points_in_world(other, other.GetParentTransformNode())[1]  # where Slicer shows it now
+
+    node = mrml.transformNodeFromRegistration(scene, transform, other, "PET_to_MRI")
+    assert node.GetClassName() == "vtkMRMLLinearTransformNode" and node.IsLinear()
+    assert other.GetTransformNodeID() == (parent.GetID() if other_parent else None)  # the input is not moved
+    _, registered = node_points_in_world(other, node)
+    for world_before, world_after in zip(shown_before, registered):
+        back = transform.TransformPoint(tuple(lps_of_ras(world_after)))  # MRI point -> other point (ITK)
+        assert np.allclose(back, lps_of_ras(world_before), rtol=0, atol=1e-6)
+    if not other_parent:  # exactly the registration: "from parent" = the ITK matrix in RAS
+        from_parent = vtk.vtkMatrix4x4()
+        node.GetMatrixTransformFromParent(from_parent)
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+        assert np.allclose(slicer.util.arrayFromVTKMatrix(from_parent), lps @ mrml.matrixFromITKTransform(transform) @ lps,
+                           atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [euler, affine], ids=["rigid", "affine"])
+def test_slicer_saves_the_transform_node_as_the_registration_itk_transform(scene, tmp_path, make):
+    """Saved by Slicer's own transform writer (vtkMRMLTransformStorageNode, vtkITKTransformConverter),
+    the node is an ITK transform file that maps points exactly as the registration's SimpleITK transform:
+    the same file `lightfusion fuse --save-transform` writes, up to the transform class."""
+    transform = make()
+    other = add_volume(blob((3, 4, 5)), ijk_to_ras(), "PET")
+    node = mrml.transformNodeFromRegistration(scene, transform, other, "PET_to_MRI")
+    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    storage.SetFileName(str(tmp_path / "PET_to_MRI.tfm"))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.WriteData(node)
+    saved = sitk.ReadTransform(str(tmp_path / "PET_to_MRI.tfm"))
+    for point in ((0.0, 0.0, 0.0), (35.0, -20.0, 60.0), (-80.0, 45.0, -15.0)):
+        assert np.allclose(saved.TransformPoint(point), transform.TransformPoint(point), rtol=0, atol=1e-6)
+
+
+def test_the_itk_matrix_is_read_from_any_linear_transform_and_nonlinear_ones_are_refused():
+    for transform in (euler(), affine(), sitk.CompositeTransform([euler(2), affine(3)]), sitk.Transform(3, sitk.sitkIdentity)):
+        matrix = mrml.matrixFromITKTransform(transform)
+        for point in ((1.0, 2.0, 3.0), (-40.0, 25.0, 90.0)):
+            assert np.allclose(transform.TransformPoint(point), (matrix @ [*point, 1.0])[:3], atol=1e-9)
+    bspline = sitk.BSplineTransformInitializer(sitk.Image([8, 8, 8], sitk.sitkFloat32), [3, 3, 3])
+    params = np.array(bspline.GetParameters())
+    params[::7] = 5.0
+    bspline.SetParameters(tuple(params))
+    with pytest.raises(mrml.VolumeNodeError, match="not linear"):
+        mrml.matrixFromITKTransform(bspline)
+
+
+# --------------------------------------------------------------------------------------------------
+# "register first" in LightFusionLogic.process
+
+def fake_register(monkeypatch, transform, fail=None, before=0.25, after=0.75, on_level=None):
+    from LightFusionLib import registration
+
+    calls = []
+
+    def register(mri, other, kind="rigid", progress=None, **kwargs):
+        calls.append((kind, mri.GetSize(), other.GetSize()))
+        for level in range(3):
+            if progress is not None:
+                progress(level, 3)
+            if on_level is not None:
+                on_level(level)
+        if fail is not None:
+            raise fail
+        return registration.RegistrationResult(transform=transform, kind=kind, measure_before=before,
+                                               measure_after=after, seconds=0.01)
+
+    monkeypatch.setattr(registration, "register", register)
+    return calls
+
+
+def small_shift(dx=2.0, dy=-1.5, dz=1.0, angle=0.03):
+    return sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, angle, (dx, dy, dz))
+
+
+def test_register_first_adds_the_transform_node_and_fuses_through_it(scene, pair, monkeypatch):
+    mri, pet = pair
+    before_mri, before_pet = snapshot(mri), snapshot(pet)
+    transform = small_shift()
+    calls = fake_register(monkeypatch, transform)
+    stages = []
+    logic = LightFusionLogic()
+    out = logic.process(mri, pet, backend=MeanBackend(), registration="rigid",
+                        statusCallback=lambda stage, **info: stages.append((stage, info)))
+    assert [c[0] for c in calls] == ["rigid"]
+    node = scene.GetFirstNodeByName("PET_to_MRI")
+    assert node is not None and node.GetClassName() == "vtkMRMLLinearTransformNode"
+    assert logic.lastRun["transformNodeID"] == node.GetID() and logic.lastRun["registration"] == "rigid"
+    assert (logic.lastRun["measureBefore"], logic.lastRun["measureAfter"]) == (0.25, 0.75)
+    assert ("registered", {"before": 0.25, "after": 0.75}) in stages
+    assert [s for s, _ in stages if s == "registering"] and stages[-1][0] == "fusing"
+    # the fused volume is on the MRI grid, and the inputs are untouched (the PET is not moved)
+    assert out.GetImageData().GetDimensions() == mri.GetImageData().GetDimensions()
+    assert np.allclose(node_matrix(out), node_matrix(mri))
+    assert_unchanged(mri, before_mri)
+    assert_unchanged(pet, before_pet)
+    # the fusion used the transform: it equals fusing the PET placed under the transform node
+    registered = slicer.util.arrayFromVolume(out).astype(int)
+    pet.SetAndObserveTransformNodeID(node.GetID())
+    moved = slicer.util.arrayFromVolume(LightFusionLogic().process(mri, pet, backend=MeanBackend())).astype(int)
+    assert np.abs(registered - moved).max() <= 1
+    pet.SetAndObserveTransformNodeID(None)
+    unregistered = slicer.util.arrayFromVolume(LightFusionLogic().process(mri, pet, backend=MeanBackend())).astype(int)
+    assert np.abs(registered - unregistered).max() > 1
+
+
+def test_register_first_moves_the_other_volume_only_when_asked(scene, pair, monkeypatch):
+    mri, pet = pair
+    fake_register(monkeypatch, small_shift())
+    LightFusionLogic().process(mri, pet, backend=MeanBackend(), registration="affine")
+    assert pet.GetTransformNodeID() is None
+    LightFusionLogic().process(mri, pet, backend=MeanBackend(), registration="affine", applyTransformToOther=True)
+    second = scene.GetFirstNodeByName("PET_to_MRI_1")  # names made unique, the first one is kept
+    assert second is not None and pet.GetTransformNodeID() == second.GetID()
+    assert mri.GetTransformNodeID() is None
+
+
+@pytest.mark.parametrize("how", ["registration fails", "cancelled while registering", "cancelled while fusing",
+                                 "cancelled after the last batch", "scene closed while fusing"])
+def test_a_failed_or_cancelled_registered_run_leaves_no_transform_node(scene, pair, monkeypatch, how):
+    from LightFusionLib.registration import RegistrationError
+
+    mri, pet = pair
+    logic = LightFusionLogic()
+    fake_register(monkeypatch, small_shift(),
+                  fail=RegistrationError("the registration diverged") if how == "registration fails" else None,
+                  on_level=(lambda level: logic.cancel()) if how == "cancelled while registering" else None)
+    progress = None
+    if how == "cancelled while fusing":
+        progress = lambda done, total: logic.cancel()  # noqa: E731
+    elif how == "cancelled after the last batch":
+        progress = lambda done, total: done == total and logic.cancel()  # noqa: E731
+    elif how == "scene closed while fusing":
+        progress = lambda done, total: scene.Clear(0)  # noqa: E731
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")
+    expected = RegistrationError if how == "registration fails" else volume.FusionCancelled
+    with pytest.raises(expected):
+        logic.process(mri, pet, backend=MeanBackend(), batchSize=3, registration="rigid", progressCallback=progress)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+    if how == "scene closed while fusing":
+        assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode") == 0
+    else:
+        assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode") == volumes
+        assert pet.GetTransformNodeID() is None
+
+
+def test_unknown_registration_kind_is_refused(scene, pair):
+    mri, pet = pair
+    with pytest.raises(LightFusionInputError, match="unknown registration 'elastic'; choose one of none, rigid, affine"):
+        LightFusionLogic().process(mri, pet, backend=MeanBackend(), registration="elastic")
+
+
+def test_real_registration_recovers_a_known_move_of_the_sample_pet_through_the_panel_logic(scene):
+    """LightFusionLib.registration itself (no stand-in) in process(): the bundled PET with its geometry
+    moved by a known rigid transform S (no resampling: Slicer shows it at S(x)). The transform node left
+    in the scene must undo S (node @ S = identity, within 2 mm over the head), and the fused volume is on
+    the MRI grid."""
+    try:
+        lf_logic.findSamplePair(lf_logic.sampleDataDir())
+    except LightFusionInputError:
+        pytest.skip("no bundled sample volumes")
+    logic = LightFusionLogic()
+    mri, pet, task = logic.loadSampleData()
+    move = np.eye(4)
+    move[:3, :3] = rotation(0.06, -0.05, 0.09)
+    move[:3, 3] = (6.0, -4.0, 5.0)
+    moved = add_volume(slicer.util.arrayFromVolume(pet).copy(), move @ node_matrix(pet), "PET moved")
+    stages = []
+    out = logic.process(mri, moved, task=task, backend=MeanBackend(), registration="rigid",
+                        statusCallback=lambda stage, **info: stages.append((stage, info)))
+    node = scene.GetNodeByID(logic.lastRun["transformNodeID"])
+    assert node.GetName() == "PET moved_to_mni152-t1"
+    assert logic.lastRun["measureAfter"] > logic.lastRun["measureBefore"]
+    residual = mrml.transformToParentMatrix(node) @ move
+    for point in ((0.0, 0.0, 0.0), (60.0, -70.0, 40.0), (-60.0, 60.0, -30.0)):
+        assert np.linalg.norm((residual - np.eye(4)) @ [*point, 1.0]) < 2.0
+    assert [info["level"] for stage, info in stages if stage == "registering"][-1] == 3
+    assert np.allclose(node_matrix(out), node_matrix(mri))
+
+
+# --------------------------------------------------------------------------------------------------
+# long runs: cancel at any time, the scene closed meanwhile, responsive while the model loads
+
+def test_cancel_while_the_model_loads_is_immediate_and_the_load_is_kept(scene, pair, monkeypatch):
+    import threading
+    import time
+
+    mri, pet = pair
+    logic = LightFusionLogic()
+    release = threading.Event()
+    loads = []
+
+    def slow_load(model, task, backend, device):
+        loads.append(task)
+        release.wait(10)
+        return MeanBackend(task)
+
+    monkeypatch.setattr("LightFusionLib.backends.load_backend", lambda model=None, task="pet-mri", backend="auto",
+                        device="auto", **kw: slow_load(model, task, backend, device))
+    idle = []
+    started = time.perf_counter()
+    with pytest.raises(volume.FusionCancelled, match="loading the model"):
+        logic.process(mri, pet, idleCallback=lambda: idle.append(1) or (len(idle) == 3 and logic.cancel()))
+    assert time.perf_counter() - started < 2.0 and len(idle) == 3
+    release.set()
+    for _ in range(100):  # the load finishes on its own thread and is cached for the next run
+        if logic._backends:
+            break
+        time.sleep(0.02)
+    out = logic.process(mri, pet)
+    assert loads == ["pet-mri"] and out.GetScene() is scene
+
+
+def test_scene_closed_while_the_model_loads_adds_nothing(scene, pair, monkeypatch):
+    import time
+
+    mri, pet = pair
+    logic = LightFusionLogic()
+    monkeypatch.setattr(logic, "getBackend", lambda *a, **k: time.sleep(1.0) or MeanBackend())
+    closed = []
+    with pytest.raises(volume.FusionCancelled):
+        logic.process(mri, pet, idleCallback=lambda: closed or closed.append(scene.Clear(0)))
+    assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode") == 0
+
+
+def test_cancel_after_the_last_batch_still_counts(scene, pair):
+    mri, pet = pair
+    logic = LightFusionLogic()
+    count = scene.GetNumberOfNodes()
+    seen = []
+    with pytest.raises(volume.FusionCancelled, match="after the last batch"):
+        logic.process(mri, pet, backend=MeanBackend(), batchSize=100,  # one batch: it is the last
+                      progressCallback=lambda done, total: seen.append((done, total)) or logic.cancel())
+    assert seen == [(9, 9)] and scene.GetNumberOfNodes() == count
+
+
+def test_an_input_removed_during_the_run_adds_nothing(scene, pair):
+    mri, pet = pair
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(volume.FusionCancelled, match="removed from the scene"):
+        LightFusionLogic().process(mri, pet, backend=MeanBackend(), batchSize=100,
+                                   progressCallback=lambda done, total: scene.RemoveNode(pet))
+    assert scene.GetNumberOfNodes() == count - 1  # only the PET the "user" removed is gone
+
+
+# --------------------------------------------------------------------------------------------------
+# display: fused over the MRI in every linked view, classic overlay, window/level
+
+def slice_views(scene):
+    nodes = []
+    for name in ("Red", "Yellow", "Green"):
+        node = slicer.vtkMRMLSliceCompositeNode()
+        node.SetSingletonTag(f"vtkMRMLSliceCompositeNode{name}")
+        nodes.append(scene.AddNode(node))
+    return nodes
+
+
+def test_fused_rgb_volume_is_shown_over_the_mri_in_all_linked_views_with_its_exact_colours(scene, pair):
+    from LightFusionSlicerLib import display
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    views = slice_views(scene)
+    mri, pet = pair
+    logic = LightFusionLogic()
+    out = logic.process(mri, pet, backend=MeanBackend())
+    assert logic.showFusion()
+    for view in views:
+        assert (view.GetBackgroundVolumeID(), view.GetForegroundVolumeID()) == (mri.GetID(), out.GetID())
+        assert view.GetForegroundOpacity() == 1.0 and view.GetLinkedControl()
+    # window 0-255: Slicer's vector display pipeline shows the computed colours unchanged
+    shown = out.GetDisplayNode()
+    assert not shown.GetAutoWindowLevel() and (shown.GetWindowLevelMin(), shown.GetWindowLevelMax()) == display.RGB_WINDOW
+    shown.SetInputImageDataConnection(out.GetImageDataConnection())
+    shown.UpdateImageDataPipeline()
+    producer = shown.GetOutputImageDataConnection().GetProducer()
+    producer.Update()
+    image = producer.GetOutputDataObject(0)
+    rgba = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(*slicer.util.arrayFromVolume(out).shape[:3], -1)
+    assert np.array_equal(rgba[..., :3], slicer.util.arrayFromVolume(out))
+
+
+def test_classic_overlay_uses_slicers_pet_colours_and_the_fusion_window(scene, pair):
+    from LightFusionSlicerLib import display
+
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(scene)
+    views = slice_views(scene)
+    mri, pet = pair
+    before = snapshot(pet)
+    logic = LightFusionLogic()
+    with pytest.raises(LightFusionInputError, match="run the fusion first"):
+        logic.showClassicOverlay()
+    out = logic.process(mri, pet, backend=MeanBackend())
+    assert logic.showClassicOverlay() == display.PET_HEAT_COLOR_NODE_ID
+    for view in views:
+        assert (view.GetBackgroundVolumeID(), view.GetForegroundVolumeID()) == (mri.GetID(), pet.GetID())
+        assert view.GetForegroundOpacity() == display.CLASSIC_OVERLAY_OPACITY and view.GetLinkedControl()
+    shown = pet.GetDisplayNode()
+    assert shown.GetColorNodeID() == display.PET_HEAT_COLOR_NODE_ID
+    low, high = logic.lastRun["otherWindow"]
+    assert np.isclose(shown.GetWindowLevelMin(), low) and np.isclose(shown.GetWindowLevelMax(), high)
+    assert_unchanged(pet, before)  # display only: voxels, geometry, name and transform unchanged
+    assert logic.showFusion() and views[0].GetForegroundVolumeID() == out.GetID()
+    # a CT keeps its own (grey) colours in the overlay
+    ct = logic.process(mri, pet, task="ct-mri", backend=MeanBackend("ct-mri"))
+    grey = pet.GetDisplayNode().GetColorNodeID()
+    assert logic.showClassicOverlay() is None and pet.GetDisplayNode().GetColorNodeID() == grey
+    assert ct.GetClassName() == "vtkMRMLScalarVolumeNode"
+
+
+# --------------------------------------------------------------------------------------------------
+# developer-mode Reload picks up edited library files
+
+def test_reload_packages_makes_the_next_import_read_edited_files(tmp_path):
+    """In a separate interpreter (this one keeps its modules): import both packages from a copy, edit a
+    file of each, reloadPackages(), import again: the edits are there."""
+    import shutil
+    import subprocess
+    import textwrap
+
+    shutil.copytree(REPO / "LightFusionLib", tmp_path / "LightFusionLib",
+                    ignore=shutil.ignore_patterns("Resources", "__pycache__"))
+    shutil.copytree(REPO / "LightFusion" / "LightFusionSlicerLib", tmp_path / "LightFusionSlicerLib",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(tmp_path)!r}]
+        import LightFusionSlicerLib, LightFusionLib.tasks
+        from LightFusionSlicerLib import logic
+        old_logic, old_tasks = logic, LightFusionLib.tasks
+        for path in ({str(tmp_path / "LightFusionLib" / "tasks.py")!r},
+                     {str(tmp_path / "LightFusionSlicerLib" / "logic.py")!r}):
+            with open(path, "a") as f:
+                f.write("\\nRELOAD_PROBE = 42\\n")
+        forgotten = LightFusionSlicerLib.reloadPackages()
+        assert "LightFusionLib.tasks" in forgotten and "LightFusionSlicerLib.logic" in forgotten, forgotten
+        import LightFusionLib.tasks
+        from LightFusionSlicerLib import logic
+        assert logic is not old_logic and LightFusionLib.tasks is not old_tasks
+        assert logic.RELOAD_PROBE == 42 and LightFusionLib.tasks.RELOAD_PROBE == 42
+        assert logic.FusionCancelled is sys.modules["LightFusionLib.errors"].FusionCancelled  # one consistent set
+        print("reloaded", len(forgotten))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("reloaded")

@@ -8,12 +8,20 @@
 - LightFusionSlicerLib stays Qt-free;
 - the module compares no task names by hand (LightFusionLib.tasks defines them);
 - the panel's behaviour (Apply -> Cancel while running, progress, status line with the run's input
-  warnings, cancel, errors, install offer declined or failed, GPU name) with stand-in widgets around
-  the real logic and a real MRML scene.
+  warnings, colour map and registration, cancel at any time, scene close, errors, install offer
+  declined or failed, GPU name, sample data through its Sample Data registration, preselection on
+  enter, the display after Apply and the classic overlay, Reload) with stand-in widgets around the real
+  logic and a real MRML scene;
+- the module metadata (categories, contributors, help link, acknowledgement) and the extension CMake;
+- ``LightFusionTest`` (the self-test Slicer runs) itself, on a real MRML scene, with and without an
+  inference backend.
 
 ``LightFusion.py`` itself imports qt/ctk/slicer.ScriptedLoadableModule, which only exist inside
-Slicer: it is parsed with ``ast`` and, for the type checks, imported with minimal stand-ins for
-those modules (and the real ``slicer`` wheel when installed).
+Slicer: it is parsed with ``ast`` and, for the behaviour checks, imported with minimal stand-ins for
+those modules (a small parameterNodeWrapper that stores the fields in the real
+vtkMRMLScriptedModuleNode, a SampleData module with Slicer's registration API) and the real ``slicer``
+wheel. What only a real Slicer can show (Qt widgets drawing, the real parameterNodeWrapper binding,
+the Sample Data module's GUI, the layout manager, pip) is listed in the README's Slicer section.
 """
 from __future__ import annotations
 
@@ -60,6 +68,8 @@ EXPECTED_WIDGETS = {
     "statusLabel": "QLabel",
     "applyButton": "QPushButton",
     "loadSampleButton": "QPushButton",
+    "overlayButton": "QPushButton",
+    "transformOtherCheckBox": "QCheckBox",
     "progressBar": "QProgressBar",
 }
 # Signals the module connects to, per widget class (Qt / CTK API).
@@ -191,14 +201,20 @@ def test_output_selector_offers_create_new_and_both_volume_kinds():
 def test_module_defines_the_slicer_classes_and_the_self_test_runs_all_its_tests():
     tree = module_tree()
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    for name in ("LightFusion", "LightFusionWidget", "LightFusionTest", "LightFusionParameterNode"):
+    for name in ("LightFusion", "LightFusionWidget", "LightFusionLogic", "LightFusionTest", "LightFusionParameterNode"):
         assert name in classes, name
     bases = {n: [ast.unparse(b) for b in c.bases] for n, c in classes.items()}
     assert bases["LightFusion"] == ["ScriptedLoadableModule"]
     assert "ScriptedLoadableModuleWidget" in bases["LightFusionWidget"]
     assert bases["LightFusionTest"] == ["ScriptedLoadableModuleTest"]
-    imported = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
-    assert "LightFusionLogic" in imported  # Slicer looks the logic up in the module's namespace
+    # The template's logic: getParameterNode() returns the wrapped node (the Qt-free logic does the work).
+    assert bases["LightFusionLogic"] == ["_logic.LightFusionLogic"]
+    getter = next(f for f in classes["LightFusionLogic"].body
+                  if isinstance(f, ast.FunctionDef) and f.name == "getParameterNode")
+    assert ast.unparse(getter.body[-1]) == "return LightFusionParameterNode(super().getParameterNode())"
+    init = ast.unparse(next(f for f in classes["LightFusionWidget"].body
+                            if isinstance(f, ast.FunctionDef) and f.name == "initializeParameterNode"))
+    assert "self.setParameterNode(self.logic.getParameterNode())" in init
     test_methods = {f.name for f in classes["LightFusionTest"].body
                     if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
     run_test = next(f for f in classes["LightFusionTest"].body if isinstance(f, ast.FunctionDef) and f.name == "runTest")
@@ -207,6 +223,25 @@ def test_module_defines_the_slicer_classes_and_the_self_test_runs_all_its_tests(
     widget = ast.unparse(classes["LightFusionWidget"])
     assert "slicer.util.loadUI(self.resourcePath('UI/LightFusion.ui'))" in widget
     assert "slicer.util.tryWithErrorDisplay(" in widget and ".connectGui(self.ui)" in widget
+
+
+def test_the_slicer_util_functions_the_module_calls_exist_in_slicer_util():
+    """Every ``slicer.util.X`` that LightFusion.py and LightFusionSlicerLib call is in slicer.util (the
+    slicer-core wheel ships Slicer's own util.py), with the keyword arguments used."""
+    import inspect
+
+    util = pytest.importorskip("slicer.util")
+    for path in (MODULE_PY, *(MODULE_DIR / "LightFusionSlicerLib").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and ast.unparse(node.func.value) == "slicer.util"):
+                function = getattr(util, node.func.attr, None)
+                assert function is not None, f"{path.name}:{node.lineno}: slicer.util.{node.func.attr} does not exist"
+                parameters = inspect.signature(function).parameters
+                for keyword in node.keywords:
+                    assert keyword.arg in parameters or any(
+                        p.kind is p.VAR_KEYWORD for p in parameters.values()), \
+                        f"{path.name}:{node.lineno}: slicer.util.{node.func.attr} has no argument {keyword.arg}"
 
 
 def test_module_compares_no_task_names_by_hand():
@@ -238,6 +273,39 @@ def test_no_helper_script_at_the_module_top_level():
     assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["LightFusion.py"]
 
 
+def test_requirements_file_lists_what_first_use_installs():
+    """Resources/requirements.txt (the template's place, listed in the module CMake by the resources test):
+    valid requirement lines, ONNX Runtime with the library's own minimum version; PyTorch is not in it
+    (it is installed only when asked for, through the PyTorch extension)."""
+    from packaging.requirements import Requirement
+
+    from LightFusionSlicerLib import logic
+
+    lines = logic.loadRequirements()
+    assert logic.requirementsPath() == MODULE_DIR / "Resources" / "requirements.txt"
+    requirements = {Requirement(line).name: Requirement(line) for line in lines}
+    assert set(requirements) == {"onnxruntime"}
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'"{requirements["onnxruntime"]}"' in pyproject  # the same minimum as the Python package
+    assert logic.requirementFor("onnxruntime") == str(requirements["onnxruntime"])
+    assert logic.requirementFor("torch") == "torch"
+
+
+def test_nothing_is_installed_at_import_time():
+    """pip_install / pip_ensure / installTorch are only called inside functions, never by module-level
+    code of LightFusion.py or LightFusionSlicerLib."""
+    installers = {"pip_install", "pip_ensure", "installTorch", "pipEnsure", "_installPackage"}
+    for path in (MODULE_PY, *(MODULE_DIR / "LightFusionSlicerLib").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for statement in tree.body:
+            if isinstance(statement, (ast.FunctionDef, ast.ClassDef)):
+                continue
+            for node in ast.walk(statement):
+                if isinstance(node, ast.Call):
+                    name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                    assert name not in installers, f"{path.name}:{node.lineno} installs at import time"
+
+
 # --------------------------------------------------------------------------------------------------
 # CMake
 
@@ -251,9 +319,58 @@ def test_module_cmake_lists_every_script_and_resource():
     assert sorted(resources) == files
     text = cmake.read_text()
     assert "slicerMacroBuildScriptedModule(" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
-    # the library goes to qt-scripted-modules/LightFusionLib, shared resources to qt-scripted-modules/Resources
+    # the library goes to qt-scripted-modules/LightFusionLib, its package data (models, sample) inside it
     assert "${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/LightFusionLib" in text
-    assert "Resources/Models/*.pt" in text and "Resources/SampleData/" in text
+    assert "LightFusionLib/Resources/Models/*.onnx" in text and "LightFusionLib/Resources/SampleData/" in text
+
+
+def _cmake_value(text: str, variable: str) -> str:
+    match = re.search(rf'set\({variable} "([^"]*)"\)', text)
+    assert match, f"{variable} is not set to a quoted string"
+    return match.group(1)
+
+
+def test_extension_cmake_has_a_current_cmake_minimum_and_honest_metadata():
+    """The minimum CMake is the range current Slicer's template uses (3.20.6...3.22.6); contributors are
+    "Name (Organisation)"; every screenshot URL names a file of this repository that exists (none is
+    fine); the icon URL too."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    minimum = re.search(r"cmake_minimum_required\(VERSION (\d+(?:\.\d+)*)(?:\.\.\.(\d+(?:\.\d+)*))? FATAL_ERROR\)", text)
+    assert minimum, "cmake_minimum_required(VERSION x...y FATAL_ERROR) expected"
+    version = tuple(int(v) for v in minimum.group(1).split("."))
+    assert version >= (3, 20, 6), f"CMake minimum {minimum.group(1)} is older than current Slicer's 3.20.6"
+    for contributor in _cmake_value(text, "EXTENSION_CONTRIBUTORS").split(","):
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", contributor.strip()), contributor
+    urls = _cmake_value(text, "EXTENSION_SCREENSHOTURLS").split() + [_cmake_value(text, "EXTENSION_ICONURL")]
+    for url in urls:
+        match = re.fullmatch(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/(.+)", url)
+        assert match, f"{url}: not a raw URL of a file in this repository"
+        assert (REPO / match.group(1)).is_file(), f"{url} points at {match.group(1)}, which does not exist"
+
+
+def test_module_metadata_follows_slicer_conventions():
+    """Categories through translate("qSlicerAbstractCoreModule", ...) (Slicer's own context: a localised
+    Slicer shows one Multimodality folder), contributors "Name (Organisation)", help text linking the
+    README's Slicer section, an acknowledgement, the sample data registered on startupCompleted."""
+    tree = module_tree()
+    init = next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "LightFusion"
+                for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    code = ast.unparse(init)
+    assert "self.parent.categories = [translate('qSlicerAbstractCoreModule', 'Multimodality')]" in code
+    assert "slicer.app.connect('startupCompleted()', registerSampleData)" in code
+    contributors = next(n.value for n in ast.walk(init) if isinstance(n, ast.Assign)
+                        and ast.unparse(n.targets[0]) == "self.parent.contributors")
+    for contributor in ast.literal_eval(contributors):
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", contributor), contributor
+    source = MODULE_PY.read_text()
+    url = re.search(r'DOCUMENTATION_URL = HOMEPAGE \+ "#([a-z0-9-]+)"', source)
+    assert url, "the help text links DOCUMENTATION_URL = HOMEPAGE + '#<README anchor>'"
+    headings = [line[3:].strip() for line in (REPO / "README.md").read_text().splitlines() if line.startswith("## ")]
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+    assert url.group(1) == "use-in-3d-slicer" and url.group(1) in anchors
+    homepage = re.search(r'HOMEPAGE = "([^"]+)"', source).group(1)
+    assert _cmake_value((REPO / "CMakeLists.txt").read_text(), "EXTENSION_HOMEPAGE").startswith(homepage)
+    assert "DOCUMENTATION_URL" in code and "acknowledgementText" in code
 
 
 def test_extension_cmake_has_the_metadata_and_the_module():
@@ -277,15 +394,117 @@ def test_icon_is_a_128px_png():
 # --------------------------------------------------------------------------------------------------
 # the module imported with stand-ins for the Slicer-only modules: typed checks
 
+def _node_hint(hint) -> bool:
+    import slicer
+
+    members = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union \
+        else [hint]
+    return all(isinstance(m, type) and issubclass(m, slicer.vtkMRMLNode) for m in members)
+
+
+def stand_in_parameter_node_wrapper(cls):
+    """Just enough of Slicer's @parameterNodeWrapper for these tests: each field is a property stored in
+    the wrapped vtkMRMLScriptedModuleNode (nodes as node references, enums by value, bools as
+    "true"/"false", paths as text), defaults written when a node is wrapped, observers on the node,
+    connectGui a no-op (the real one binds the .ui widgets by their SlicerParameterName)."""
+    hints = typing.get_type_hints(cls)
+    defaults = {name: getattr(cls, name) for name in hints if hasattr(cls, name)}
+
+    def make(name, hint):
+        def read(self):
+            node = self.parameterNode
+            if _node_hint(hint):
+                return node.GetNodeReference(name)
+            text = node.GetParameter(name)
+            if not text and name in defaults:  # as Slicer's wrapper: a missing value reads as the default
+                write(self, defaults[name])
+                text = node.GetParameter(name)
+            if hint is bool:
+                return text == "true"
+            if isinstance(hint, type) and issubclass(hint, enum.Enum):
+                return hint(text)
+            return pathlib.Path(text)
+
+        def write(self, value):
+            node = self.parameterNode
+            if _node_hint(hint):
+                node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+            elif hint is bool:
+                node.SetParameter(name, "true" if value else "false")
+            elif isinstance(value, enum.Enum):
+                node.SetParameter(name, value.value)
+            else:
+                node.SetParameter(name, str(value))
+
+        return property(read, write)
+
+    def __init__(self, parameterNode):
+        self.parameterNode = parameterNode
+        for name, hint in hints.items():
+            if not _node_hint(hint) and not parameterNode.GetParameter(name):
+                setattr(self, name, defaults.get(name, pathlib.Path()))
+
+    for name, hint in hints.items():
+        setattr(cls, name, make(name, hint))
+    cls.__init__ = __init__
+    cls.connectGui = lambda self, gui: 1
+    cls.disconnectGui = lambda self, tag: None
+    cls.AddObserver = lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(event, callback, priority)
+    cls.RemoveObserver = lambda self, tag: self.parameterNode.RemoveObserver(tag)
+    cls.defaults = defaults
+    return cls
+
+
+class FakeSampleDataLogic:
+    """Slicer's SampleData.SampleDataLogic registration API (static methods over one dict of lists, as
+    slicer.modules.sampleDataSources is), with SampleDataSource's fields."""
+
+    sources: dict = {}
+
+    @staticmethod
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None,
+                                       customDownloader=None, thumbnailFileName=None, loadFileType="VolumeFile",
+                                       loadFiles=None, loadFileProperties={}, checksums=None):
+        source = types.SimpleNamespace(sampleName=sampleName, uris=uris, fileNames=fileNames, nodeNames=nodeNames,
+                                       customDownloader=customDownloader, thumbnailFileName=thumbnailFileName,
+                                       loadFileType=loadFileType, checksums=checksums)
+        FakeSampleDataLogic.sources.setdefault(category, []).append(source)
+
+    @staticmethod
+    def sampleDataSourcesByCategory(category=None):
+        if category is None:
+            return FakeSampleDataLogic.sources
+        return FakeSampleDataLogic.sources.get(category, [])
+
+
 @pytest.fixture(scope="module")
 def module():
-    """Import LightFusion.py with minimal qt/ctk/ScriptedLoadableModule/parameterNodeWrapper stand-ins."""
+    """Import LightFusion.py with minimal qt/ctk/ScriptedLoadableModule/parameterNodeWrapper/SampleData
+    stand-ins (the logic then uses its own Qt-free base class, which mirrors Slicer's)."""
+    import unittest
+
     slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed")
     if not hasattr(slicer, "vtkMRMLScalarVolumeNode"):
         pytest.skip("slicer-core wheel expected")
 
-    class _Base:
-        def __init__(self, *args, **kwargs):
+    class _Module:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class _Widget:
+        reloaded: list = []
+
+        def __init__(self, parent=None):
+            self.parent = parent
+
+        def setup(self):
+            pass
+
+        def onReload(self):  # Slicer's: slicer.util.reloadScriptedModule(self.moduleName)
+            _Widget.reloaded.append(sorted(name for name in sys.modules if name.startswith("LightFusionLib")))
+
+    class _Test(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
             pass
 
     stubs = {
@@ -294,20 +513,28 @@ def module():
         "slicer.ScriptedLoadableModule": types.ModuleType("slicer.ScriptedLoadableModule"),
         "slicer.parameterNodeWrapper": types.ModuleType("slicer.parameterNodeWrapper"),
         "slicer.i18n": types.ModuleType("slicer.i18n"),
+        "SampleData": types.ModuleType("SampleData"),
     }
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleLogic"):
-        setattr(stubs["slicer.ScriptedLoadableModule"], name, type(name, (_Base,), {}))
-    stubs["slicer.parameterNodeWrapper"].parameterNodeWrapper = lambda cls: cls
+    stubs["qt"].Qt = types.SimpleNamespace(WaitCursor=3)
+    stubs["slicer.ScriptedLoadableModule"].ScriptedLoadableModule = _Module
+    stubs["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleWidget = _Widget
+    stubs["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleTest = _Test
+    stubs["slicer.parameterNodeWrapper"].parameterNodeWrapper = stand_in_parameter_node_wrapper
     stubs["slicer.i18n"].tr = lambda text: text
+    stubs["slicer.i18n"].translated = []
+    stubs["slicer.i18n"].translate = lambda context, text: stubs["slicer.i18n"].translated.append((context, text)) or text
+    stubs["SampleData"].SampleDataLogic = FakeSampleDataLogic
     saved = {name: sys.modules.get(name) for name in [*stubs, "LightFusion", "LightFusionSlicerLib.logic"]}
     package = importlib.import_module("LightFusionSlicerLib")
     saved_attribute = getattr(package, "logic", None)
     sys.modules.update(stubs)
     sys.modules.pop("LightFusion", None)
-    sys.modules.pop("LightFusionSlicerLib.logic", None)  # re-import so its base class is the stand-in
+    sys.modules.pop("LightFusionSlicerLib.logic", None)  # re-import so its base class is the Qt-free one
     try:
-        yield importlib.import_module("LightFusion")
+        imported = importlib.import_module("LightFusion")
+        imported.stubs = stubs
+        imported.StubWidgetBase = _Widget
+        yield imported
     finally:
         for name, previous in saved.items():
             if previous is None:
@@ -321,7 +548,7 @@ def module():
 def _connectable(widget_class: str, hint) -> bool:
     """Whether parameterNodeWrapper has a connector for (widget class, type hint); see Slicer's
     parameterNodeWrapper guiConnectors (QComboBox<->Enum, qMRMLNodeComboBox<->node or Union of nodes,
-    ctkPathLineEdit<->pathlib.Path...)."""
+    ctkPathLineEdit<->pathlib.Path, QCheckBox<->bool...)."""
     import slicer
 
     origin = typing.get_origin(hint)
@@ -349,7 +576,7 @@ def test_parameter_types_are_bindable_to_their_widgets(module):
 
 
 def test_enum_choices_match_the_library(module):
-    from LightFusionLib import backends
+    from LightFusionLib import backends, registration
     from LightFusionLib.tasks import TASK_NAMES, get_task
     from LightFusionSlicerLib import logic
 
@@ -361,8 +588,9 @@ def test_enum_choices_match_the_library(module):
     assert tuple(a.value for a in module.SliceAxis) == logic.AXES
     assert tuple(b.value for b in module.Backend) == backends.BACKENDS == logic.BACKENDS
     assert tuple(d.value for d in module.Device) == backends.DEVICES == logic.DEVICES
+    assert tuple(r.value for r in module.Registration) == ("none", *registration.KINDS) == logic.REGISTRATIONS
     for enum_class in (module.FusionTask, module.ModelTask, module.Colormap, module.SliceAxis, module.Backend,
-                       module.Device):
+                       module.Device, module.Registration):
         labels = [member.label() for member in enum_class]
         assert all(labels) and len(set(labels)) == len(labels), enum_class
     try:
@@ -373,14 +601,38 @@ def test_enum_choices_match_the_library(module):
 
 
 def test_defaults_and_helpers(module):
-    fields = {f: getattr(module.LightFusionParameterNode, f, None) for f in ("task", "colormap", "axis", "backend",
-                                                                             "device")}
-    assert fields == {"task": module.FusionTask.PET_MRI, "colormap": module.Colormap.DEFAULT,
-                      "axis": module.SliceAxis.AXIAL, "backend": module.Backend.AUTO, "device": module.Device.AUTO}
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    raw = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    p = module.LightFusionParameterNode(raw)
+    assert (p.task, p.colormap, p.registration, p.transformOther, p.axis, p.backend, p.device) == (
+        module.FusionTask.PET_MRI, module.Colormap.DEFAULT, module.Registration.NONE, False, module.SliceAxis.AXIAL,
+        module.Backend.AUTO, module.Device.AUTO)
     assert module._modelPathOrNone(pathlib.Path()) is None
     assert module._modelPathOrNone(None) is None
     assert module._modelPathOrNone(pathlib.Path("/models/my.pt")) == "/models/my.pt"
     assert module.LightFusionLogic.__name__ == "LightFusionLogic"
+
+
+def test_module_description_at_startup(module, monkeypatch):
+    """LightFusion(parent) as Slicer creates it: the category through translate() in Slicer's context,
+    contributors "Name (Organisation)", help with the documentation link, acknowledgement, and the
+    sample data registered once startup has completed."""
+    import slicer
+
+    connected = []
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda signal, slot: connected.append((signal, slot))),
+                        raising=False)
+    parent = types.SimpleNamespace()
+    module.stubs["slicer.i18n"].translated.clear()
+    module.LightFusion(parent)
+    assert parent.categories == ["Multimodality"]
+    assert module.stubs["slicer.i18n"].translated == [("qSlicerAbstractCoreModule", "Multimodality")]
+    assert all(re.fullmatch(r"[^()]+ \([^()]+\)", c) for c in parent.contributors)
+    assert f'href="{module.DOCUMENTATION_URL}"' in parent.helpText
+    assert "Harvard Whole Brain Atlas" in parent.acknowledgementText and "ICBM152" in parent.acknowledgementText
+    assert connected == [("startupCompleted()", module.registerSampleData)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,7 +642,7 @@ class FakeWidget:
     """Just the widget API LightFusionWidget uses."""
 
     def __init__(self, items=()):
-        self.enabled, self.visible, self.text, self.toolTip = True, True, "", ""
+        self.enabled, self.visible, self.text, self.toolTip, self.checked = True, True, "", "", False
         self.value, self.maximum = 0, 100
         self.items = list(items)
 
@@ -414,8 +666,10 @@ class FakeWidget:
 class FakeApp:
     def __init__(self):
         self.on_process_events = None
+        self.process_events_calls = 0
 
     def processEvents(self):
+        self.process_events_calls += 1
         if self.on_process_events:
             self.on_process_events()
 
@@ -424,6 +678,38 @@ class FakeApp:
 
     def layoutManager(self):
         return None
+
+    def connect(self, signal, slot):
+        pass
+
+    def setOverrideCursor(self, cursor):  # slicer.util.tryWithErrorDisplay(waitCursor=True)
+        pass
+
+    def restoreOverrideCursor(self):
+        pass
+
+
+class PanelMeanBackend:
+    name, device, task, preferred_batch = "fake", "cpu", "pet-mri", 2
+
+    def __call__(self, mri, other):
+        return (mri + other) / 2
+
+    def describe(self):
+        return "fake on cpu"
+
+
+def add_slice_views(scene):
+    """The three slice views' composite nodes, as Slicer's layout has them (singletons)."""
+    import slicer
+
+    nodes = []
+    for name in ("Red", "Yellow", "Green"):
+        node = slicer.vtkMRMLSliceCompositeNode()
+        node.SetSingletonTag(f"vtkMRMLSliceCompositeNode{name}")
+        node.SetLayoutName(name)
+        nodes.append(scene.AddNode(node))
+    return nodes
 
 
 @pytest.fixture
@@ -436,37 +722,36 @@ def panel(module, monkeypatch):
     import numpy as np
 
     scene = slicer.vtkMRMLScene()
+    colors = slicer.vtkMRMLColorLogic()  # Slicer's default colour tables (Grey, PET-Heat...)
+    colors.SetMRMLScene(scene)
+    views = add_slice_views(scene)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     app = FakeApp()
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *a, **k: True)
+    FakeSampleDataLogic.sources.clear()
 
     widget = module.LightFusionWidget()
     widget.ui = types.SimpleNamespace(**{name: FakeWidget() for name in EXPECTED_WIDGETS})
     widget.ui.deviceComboBox.items = [d.label() for d in module.Device]
+    widget.parent = types.SimpleNamespace(isEntered=True)
     widget.logic = module.LightFusionLogic()
-
-    class MeanBackend:
-        name, device, task, preferred_batch = "fake", "cpu", "pet-mri", 2
-
-        def __call__(self, mri, other):
-            return (mri + other) / 2
-
-        def describe(self):
-            return "fake on cpu"
-
-    monkeypatch.setattr(widget.logic, "getBackend", lambda *a, **k: MeanBackend())
+    monkeypatch.setattr(widget.logic, "getBackend", lambda *a, **k: PanelMeanBackend())
     k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in (6, 8, 7)], indexing="ij")
     values = 100 * np.exp(-(i ** 2 + j ** 2 + k ** 2)) + np.linspace(0, 1, 6 * 8 * 7).reshape(6, 8, 7)
     mri = slicer.util.addVolumeFromArray(values.astype(np.float32), np.diag([1.0, 1.2, 2.0, 1.0]), name="MRI")
     pet = slicer.util.addVolumeFromArray(values[::-1].astype(np.float32), np.diag([1.0, 1.2, 2.0, 1.0]), name="PET")
-    widget._parameterNode = types.SimpleNamespace(
-        mriVolume=mri, otherVolume=pet, task=module.FusionTask.PET_MRI, modelPath=pathlib.Path(),
-        modelTask=module.ModelTask.PET_MRI, colormap=module.Colormap.DEFAULT, axis=module.SliceAxis.AXIAL,
-        backend=module.Backend.AUTO, device=module.Device.CPU, outputVolume=None)
+    # what setup() does besides loading the .ui: observe the scene's close
+    widget.addObserver(scene, scene.StartCloseEvent, widget.onSceneStartClose)
+    widget.addObserver(scene, scene.EndCloseEvent, widget.onSceneEndClose)
+    widget.setParameterNode(widget.logic.getParameterNode())
+    p = widget._parameterNode
+    p.mriVolume, p.otherVolume, p.device = mri, pet, module.Device.CPU
     monkeypatch.setattr(module._logic, "missingPackage", lambda backend="auto": None)
-    return types.SimpleNamespace(widget=widget, ui=widget.ui, p=widget._parameterNode, scene=scene, app=app,
-                                 volume=volume, module=module)
+    yield types.SimpleNamespace(widget=widget, ui=widget.ui, p=p, scene=scene, app=app, views=views,
+                                volume=volume, module=module)
+    widget.setParameterNode(None)
+    widget.removeObservers()
 
 
 def test_panel_enables_apply_only_for_complete_inputs(panel):
@@ -573,6 +858,13 @@ class FakePackaging(types.ModuleType):
         self.calls.append(([str(r) for r in requirements], requester))
         raise self.error
 
+    @staticmethod
+    def load_requirements(path):  # slicer.packaging.load_requirements (comments and options skipped)
+        from packaging.requirements import Requirement
+
+        lines = [line.strip() for line in Path(path).read_text().splitlines()]
+        return [Requirement(line) for line in lines if line and not line.startswith(("#", "-"))]
+
 
 def _assert_not_run_and_usable(panel, count):
     ui = panel.ui
@@ -596,7 +888,8 @@ def test_panel_install_declined_in_slicer_packaging_leaves_a_status_and_does_not
     panel.ui.statusLabel.text = "a previous message"
     with caplog.at_level(logging.WARNING):
         panel.widget.onApplyButton()  # returns normally
-    assert packaging.calls == [(["onnxruntime"], "LightFusion")]
+    assert packaging.calls == [([panel.module._logic.requirementFor("onnxruntime")], "LightFusion")]
+    assert packaging.calls[0][0] == ["onnxruntime>=1.17"]  # the line of Resources/requirements.txt
     assert panel.ui.statusLabel.text == "Not run: installing onnxruntime was declined."
     assert any("installing onnxruntime was declined" in r.getMessage() for r in caplog.records)
     _assert_not_run_and_usable(panel, count)
@@ -711,3 +1004,294 @@ def test_panel_status_line_formats_zero_one_or_more_warnings(panel, monkeypatch)
         assert panel.ui.statusLabel.text == "MRI: fused in 1.2 s on onnx on cpu" + tail
         assert panel.ui.statusLabel.toolTip == "\n".join(warnings)
         assert shown[-1] == panel.ui.statusLabel.text
+
+
+# --------------------------------------------------------------------------------------------------
+# sample data, preselection, display, overlay, registration, cancel at any time, reload, self-test
+
+def test_sample_data_is_registered_in_the_sample_data_module_and_the_button_uses_it(panel):
+    """registerSampleData (the template's, on startupCompleted): one LightFusion entry with the bundled
+    files as file:// URIs and their checksums; registering again (a reload) replaces it. The panel's
+    button loads through that entry's downloader: nodes with storage nodes on the bundled files, selected."""
+    import hashlib
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    module = panel.module
+    name = module.registerSampleData()
+    assert name == module.registerSampleData()  # twice (a reload): still one entry
+    entries = FakeSampleDataLogic.sampleDataSourcesByCategory("LightFusion")
+    assert [e.sampleName for e in entries] == [name] and name.startswith("LightFusion ")
+    source = entries[0]
+    paths = [pathlib.Path(url2pathname(urlparse(uri).path)) for uri in source.uris]
+    assert [p.name for p in paths] == source.fileNames == ["mni152-t1.nrrd", "mni152-fdg-pet-sim.nrrd"]
+    assert all(p.parent == REPO / "LightFusionLib" / "Resources" / "SampleData" for p in paths)
+    assert source.checksums == [f"SHA256:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in paths]
+    assert source.nodeNames == ["mni152-t1", "mni152-fdg-pet-sim"] and source.loadFileType == ["VolumeFile"] * 2
+
+    used = []
+    original = source.customDownloader
+    source.customDownloader = lambda s: used.append(s) or original(s)
+    panel.widget.onLoadSampleButton()
+    assert used == [source]  # the panel loaded through the Sample Data registration
+    p = panel.p
+    assert (p.mriVolume.GetName(), p.otherVolume.GetName(), p.task) == ("mni152-t1", "mni152-fdg-pet-sim",
+                                                                         module.FusionTask.PET_MRI)
+    for node, path in zip((p.mriVolume, p.otherVolume), paths):
+        storage = node.GetStorageNode()
+        assert storage is not None and storage.GetClassName() == "vtkMRMLVolumeArchetypeStorageNode"
+        assert pathlib.Path(storage.GetFileName()).resolve() == path.resolve()
+    for view in panel.views:  # shown as loaded: PET over MRI
+        assert (view.GetBackgroundVolumeID(), view.GetForegroundVolumeID()) == (p.mriVolume.GetID(), p.otherVolume.GetID())
+    assert "Sample data loaded" in panel.ui.statusLabel.text
+
+
+def test_enter_preselects_new_volumes_but_never_refills_a_cleared_selection(panel):
+    import numpy as np
+    import slicer
+
+    widget, p = panel.widget, panel.p
+    pet = p.otherVolume
+    p.mriVolume = None  # the user clears the MRI selector (the GUI writes the parameter node)
+    widget.exit()
+    widget.enter()
+    assert widget._parameterNode.mriVolume is None and widget._parameterNode.otherVolume is pet
+    p = widget._parameterNode
+    p.otherVolume = None
+    widget.exit()
+    widget.enter()
+    assert (widget._parameterNode.mriVolume, widget._parameterNode.otherVolume) == (None, None)
+    # a volume loaded later is preselected once
+    t1 = slicer.util.addVolumeFromArray(np.ones((3, 3, 3), np.float32), name="sub02_T1w")
+    widget.exit()
+    widget.enter()
+    assert widget._parameterNode.mriVolume is t1 and widget._parameterNode.otherVolume is None
+
+
+def test_enter_preselects_inputs_by_name_in_a_new_scene(panel):
+    import slicer
+
+    panel.widget.setParameterNode(None)
+    panel.scene.Clear(0)  # a new scene: the parameter node is reset, nothing is selected
+    import numpy as np
+
+    mri = slicer.util.addVolumeFromArray(np.ones((3, 3, 3), np.float32), name="brain MR")
+    pet = slicer.util.addVolumeFromArray(np.ones((3, 3, 3), np.float32), name="FDG PET")
+    panel.widget.enter()
+    assert (panel.widget._parameterNode.mriVolume, panel.widget._parameterNode.otherVolume) == (mri, pet)
+
+
+def test_panel_apply_shows_the_fused_volume_over_the_mri_in_all_linked_views(panel):
+    widget, ui = panel.widget, panel.ui
+    widget.onApplyButton()
+    fused = panel.scene.GetFirstNodeByName("MRI_PET_fused")
+    assert fused is not None and fused.GetClassName() == "vtkMRMLVectorVolumeNode"
+    for view in panel.views:
+        assert view.GetBackgroundVolumeID() == panel.p.mriVolume.GetID()
+        assert view.GetForegroundVolumeID() == fused.GetID() and view.GetForegroundOpacity() == 1.0
+        assert view.GetLinkedControl()
+    display = fused.GetDisplayNode()
+    assert not display.GetAutoWindowLevel()
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 255.0)  # colours as computed
+    # a scalar PET: the colour map used (and its window) is named in the status line
+    run = widget.logic.lastRun
+    assert run["colormap"] == "harvard-pet"
+    assert f"Colour map: Harvard PET (PET window {run['otherWindow'][0]:.4g} to {run['otherWindow'][1]:.4g})." \
+        in ui.statusLabel.text
+    assert ui.overlayButton.enabled and not ui.overlayButton.checked
+
+
+def test_panel_classic_overlay_is_one_click_away_and_back(panel):
+    import slicer
+
+    widget, ui = panel.widget, panel.ui
+    pet = panel.p.otherVolume
+    before = slicer.util.arrayFromVolume(pet).copy(), pet.GetTransformNodeID()
+    widget.onApplyButton()
+    fused = panel.scene.GetFirstNodeByName("MRI_PET_fused")
+    widget.onOverlayToggled(True)
+    for view in panel.views:
+        assert (view.GetBackgroundVolumeID(), view.GetForegroundVolumeID()) == (panel.p.mriVolume.GetID(), pet.GetID())
+        assert view.GetForegroundOpacity() == 0.5
+    display = pet.GetDisplayNode()
+    assert display.GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"  # Slicer's own colour table
+    low, high = widget.logic.lastRun["otherWindow"]
+    assert abs(display.GetWindowLevelMin() - low) < 1e-3 and abs(display.GetWindowLevelMax() - high) < 1e-3
+    assert "PET-Heat" in ui.statusLabel.text and "Classic overlay" in ui.statusLabel.text
+    widget.onOverlayToggled(False)
+    for view in panel.views:
+        assert view.GetForegroundVolumeID() == fused.GetID() and view.GetForegroundOpacity() == 1.0
+    assert (slicer.util.arrayFromVolume(pet) == before[0]).all() and pet.GetTransformNodeID() == before[1]
+
+
+def fake_registration(monkeypatch, transform=None, delay=0.0, fail=None):
+    """LightFusionLib.registration.register replaced by one that 'finds' ``transform`` in three levels
+    (``delay`` seconds each, reporting progress as the real one does) or raises ``fail``."""
+    import time as _time
+
+    import SimpleITK as sitk
+
+    from LightFusionLib import registration
+
+    transform = transform or sitk.Euler3DTransform((1.0, 2.0, 0.5), 0.04, -0.03, 0.05, (1.5, -1.0, 0.8))
+    calls = []
+
+    def register(mri, other, kind="rigid", progress=None, **kwargs):
+        calls.append(kind)
+        for level in range(3):
+            if progress is not None:
+                progress(level, 3)
+            _time.sleep(delay)
+        if fail is not None:
+            raise fail
+        if progress is not None:
+            progress(3, 3)
+        return registration.RegistrationResult(transform=transform, kind=kind, measure_before=0.2,
+                                               measure_after=0.8, seconds=3 * delay)
+
+    monkeypatch.setattr(registration, "register", register)
+    return calls
+
+
+@pytest.mark.parametrize("move", [False, True], ids=["inputs-unchanged", "other-under-transform"])
+def test_panel_register_first_adds_the_transform_and_reports_the_measure(panel, monkeypatch, move):
+    calls = fake_registration(monkeypatch)
+    widget, p, ui = panel.widget, panel.p, panel.ui
+    p.registration = panel.module.Registration.RIGID
+    p.transformOther = move
+    widget.updateGUIState()
+    assert ui.transformOtherCheckBox.visible
+    stages = []
+    panel.app.on_process_events = lambda: stages.append(ui.statusLabel.text)
+    widget.onApplyButton()
+    assert calls == ["rigid"]
+    transform = panel.scene.GetFirstNodeByName("PET_to_MRI")
+    assert transform is not None and transform.GetClassName() == "vtkMRMLLinearTransformNode"
+    assert p.otherVolume.GetTransformNodeID() == (transform.GetID() if move else None)
+    assert p.mriVolume.GetTransformNodeID() is None
+    assert ('Rigid registration: alignment measure 0.200 -> 0.800 (higher is better); transform "PET_to_MRI" added.'
+            in ui.statusLabel.text)
+    assert any(text.startswith("Registering (Rigid)") for text in stages)
+    p.registration = panel.module.Registration.NONE
+    widget.updateGUIState()
+    assert not ui.transformOtherCheckBox.visible
+
+
+def _count(scene, class_name):
+    return scene.GetNumberOfNodesByClass(class_name)
+
+
+@pytest.mark.parametrize("when", ["while the model loads", "while registering", "during the last batch",
+                                  "scene closed"])
+def test_panel_cancel_works_at_any_time_and_leaves_nothing(panel, monkeypatch, when):
+    """Cancel (the Apply button while running) is seen at once while the model loads or the volumes are
+    registered (the panel processes events every 50 ms meanwhile), and also when clicked while the last
+    batch is reported; a scene closed during a run is a cancel too. Nothing is added in any case."""
+    import time as _time
+
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    slow = 3.0
+    if when == "while the model loads":
+        monkeypatch.setattr(widget.logic, "getBackend", lambda *a, **k: _time.sleep(slow) or PanelMeanBackend())
+    if when == "while registering":
+        fake_registration(monkeypatch, delay=slow / 3)
+        p.registration = panel.module.Registration.AFFINE
+    clicks = []
+
+    def user():
+        if clicks:
+            return
+        if when == "during the last batch" and not (ui.progressBar.maximum and ui.progressBar.value == ui.progressBar.maximum):
+            return
+        clicks.append(_time.perf_counter())
+        if when == "scene closed":
+            panel.scene.Clear(0)
+        else:
+            widget.onApplyButton()  # the same button, now labelled Cancel
+
+    panel.app.on_process_events = user
+    volumes = _count(panel.scene, "vtkMRMLVolumeNode")
+    started = _time.perf_counter()
+    widget.onApplyButton()
+    took = _time.perf_counter() - started
+    assert clicks and "Cancelled" in ui.statusLabel.text and "nothing was changed" in ui.statusLabel.text
+    if when in ("while the model loads", "while registering"):
+        assert took < slow / 2, f"the cancel took {took:.1f} s"
+    assert _count(panel.scene, "vtkMRMLTransformNode") == 0
+    if when == "scene closed":
+        assert _count(panel.scene, "vtkMRMLVolumeNode") == 0
+        assert ui.applyButton.toolTip == "Select an MRI volume." and not ui.applyButton.enabled  # a new, empty scene: nothing selected
+    else:
+        assert _count(panel.scene, "vtkMRMLVolumeNode") == volumes
+        assert ui.applyButton.enabled
+    assert ui.applyButton.text == "Apply" and not ui.progressBar.visible
+
+
+def test_panel_stays_responsive_while_the_model_loads(panel, monkeypatch):
+    import time as _time
+
+    monkeypatch.setattr(panel.widget.logic, "getBackend", lambda *a, **k: _time.sleep(0.6) or PanelMeanBackend())
+    panel.widget.onApplyButton()
+    assert panel.app.process_events_calls >= 6  # about every 50 ms during the 0.6 s load
+    assert panel.scene.GetFirstNodeByName("MRI_PET_fused") is not None
+
+
+def test_scene_close_in_the_panel_cancels_the_run(panel):
+    panel.widget._running = True
+    panel.widget.onSceneStartClose(None, None)
+    assert panel.widget._cancelRequested and panel.widget.logic._cancelRequested
+    assert not panel.ui.overlayButton.enabled
+
+
+def test_reload_forgets_the_libraries_before_slicers_reload(module, monkeypatch):
+    """onReload drops LightFusionLib and LightFusionSlicerLib from sys.modules, then calls Slicer's
+    onReload (which re-executes LightFusion.py, whose imports then read the edited files)."""
+    saved = {name: mod for name, mod in sys.modules.items()
+             if name.split(".")[0] in ("LightFusionLib", "LightFusionSlicerLib")}
+    module.StubWidgetBase.reloaded.clear()
+    try:
+        module.LightFusionWidget().onReload()
+        assert module.StubWidgetBase.reloaded == [[]]  # nothing of LightFusionLib left when Slicer reloads
+    finally:
+        sys.modules.update(saved)
+
+
+@pytest.fixture
+def self_test_scene(module, monkeypatch):
+    """What LightFusionTest finds in Slicer: slicer.mrmlScene with the default colour tables and three
+    slice views, slicer.app, the Sample Data module."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(scene)
+    views = add_slice_views(scene)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", FakeApp(), raising=False)
+    FakeSampleDataLogic.sources.clear()
+    return types.SimpleNamespace(scene=scene, views=views)
+
+
+def test_self_test_passes_without_onnx_runtime_or_pytorch(module, self_test_scene, monkeypatch, caplog):
+    """The build factory has neither backend: LightFusionTest tests the rest and logs why it skips the
+    network."""
+    import logging
+
+    monkeypatch.setattr(module._logic, "isInstalled", lambda name: False)
+    with caplog.at_level(logging.INFO):
+        module.LightFusionTest().runTest()
+    assert any("inference test is skipped: neither ONNX Runtime nor PyTorch is installed" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_self_test_runs_the_network_when_a_backend_is_installed(module, self_test_scene, caplog):
+    import logging
+
+    from LightFusionSlicerLib import logic
+
+    if logic.missingPackage("auto") is not None:
+        pytest.skip("no inference backend installed")
+    with caplog.at_level(logging.INFO):
+        module.LightFusionTest().test_LightFusion_inference()
+    assert not any("skipped" in r.getMessage() for r in caplog.records)
+    assert self_test_scene.scene.GetFirstNodeByName("mni152-t1_mni152-fdg-pet-sim_fused") is not None

@@ -1,4 +1,5 @@
-"""Qt-free half of the LightFusion Slicer module: the MRML <-> SimpleITK bridge and LightFusionLogic.
+"""Qt-free half of the LightFusion Slicer module: the MRML <-> SimpleITK bridge (``mrml``), LightFusionLogic
+(``logic``) and the slice-view display of a result (``display``).
 
 Nothing here imports qt, ctk or slicer.app, so it runs in the Slicer Python console, inside
 Slicer's self-test, and under pytest with the ``slicer-core`` wheel alike. The Qt widget, the
@@ -34,3 +35,25 @@ def _ensureLightFusionLibImportable() -> None:
 
 
 _ensureLightFusionLibImportable()
+
+# Packages whose edits a developer-mode "Reload" must pick up (LightFusion.py's onReload).
+RELOADED_PACKAGES = ("LightFusionLib", "LightFusionSlicerLib")
+
+
+def reloadPackages(packages=RELOADED_PACKAGES) -> list[str]:
+    """Forget every loaded module of ``packages`` (``sys.modules``), so that the next import reads
+    their files again; returns the module names forgotten.
+
+    Slicer's Reload re-executes ``LightFusion.py`` only; its ``import LightFusionLib...`` /
+    ``from LightFusionSlicerLib import ...`` would otherwise get the modules loaded at startup.
+    Dropping the whole packages (rather than ``importlib.reload`` of each module in some order) makes
+    the re-import consistent: no module keeps a reference to an old version of another (an old
+    exception class would no longer match in an ``except``). The module widget's ``onReload`` calls
+    this before ``ScriptedLoadableModuleWidget.onReload``, as SlicerNNUnet does for its package.
+    """
+    names = sorted(name for name in sys.modules
+                   if any(name == package or name.startswith(package + ".") for package in packages))
+    for name in names:
+        del sys.modules[name]
+    importlib.invalidate_caches()  # files edited since startup are found by the next import
+    return names

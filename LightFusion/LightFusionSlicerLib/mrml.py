@@ -203,3 +203,71 @@ def updateVolumeNodeFromImage(node, image, ijkToRASMatrix: np.ndarray | None = N
             node.SetVoxelVectorType(slicer.vtkMRMLVolumeNode.VoxelVectorTypeColorRGB)
     finally:
         node.EndModify(wasModifying)
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms: SimpleITK (ITK convention) <-> MRML transform nodes
+#
+# An ITK transform from a registration maps *fixed* (MRI) physical points to *moving* (other volume)
+# points, in LPS: the "resampling" direction. A Slicer transform node that moves the other volume onto
+# the MRI maps the other's points to the MRI's, in RAS: its "to parent" transform is the inverse, and
+# its "from parent" transform is the ITK transform with LPS <-> RAS applied on both sides
+# (F @ M @ F, F = diag(-1, -1, 1, 1)). This is how Slicer itself reads an ITK .tfm into a transform
+# node (vtkITKTransformConverter; Slicer developer guide, "Transforms").
+
+_RAS_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def matrixFromITKTransform(transform) -> np.ndarray:
+    """4x4 matrix ``M`` of a linear SimpleITK transform (``T(x) = M @ [x, 1]``, LPS).
+
+    Read from the transform itself (its action on the origin and the unit vectors), so it works for
+    any linear kind (Euler3D, Similarity3D, Affine, a composite of them...). Raises VolumeNodeError
+    for a transform that is not linear."""
+    origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)), dtype=np.float64)
+    matrix = np.eye(4)
+    matrix[:3, 3] = origin
+    for axis in range(3):
+        unit = [0.0, 0.0, 0.0]
+        unit[axis] = 1.0
+        matrix[:3, axis] = np.array(transform.TransformPoint(unit), dtype=np.float64) - origin
+    for point in ((120.5, -80.25, 60.0), (-200.0, 150.0, -90.5), (33.0, 250.0, 175.0)):
+        expected = matrix[:3, :3] @ np.array(point) + origin
+        if not np.allclose(transform.TransformPoint(point), expected, rtol=0.0, atol=1e-6):
+            raise VolumeNodeError(f"the transform ({transform.GetName()}) is not linear; LightFusion stores only "
+                                  "linear (rigid or affine) transforms")
+    return matrix
+
+
+def fromParentMatrixFromITKTransform(transform) -> np.ndarray:
+    """The ITK transform (fixed -> moving points, LPS) as a Slicer "from parent" matrix (RAS)."""
+    return _RAS_LPS_4 @ matrixFromITKTransform(transform) @ _RAS_LPS_4
+
+
+def transformNodeFromRegistration(scene, transform, movingNode, name: str):
+    """A new ``vtkMRMLLinearTransformNode`` that puts ``movingNode`` where ``transform`` aligns it.
+
+    ``transform`` is a registration result in ITK's convention, found on the volumes' world
+    geometry (the images from :func:`imageFromVolumeNode`): it maps fixed (MRI) world points to
+    ``movingNode``'s world points, LPS. The node holds the transform from ``movingNode``'s *local*
+    coordinates to the MRI's world: the registration composed with ``movingNode``'s current linear
+    parent transform, if it has one. So placing ``movingNode`` under the node (instead of its current
+    parent) shows it registered; without a parent transform the node is exactly the registration
+    (its "from parent" matrix is the ITK matrix in RAS). ``movingNode`` is not changed.
+    """
+    fromParent = fromParentMatrixFromITKTransform(transform)  # MRI world RAS -> moving world RAS
+    parentToWorld = parentTransformToWorld(movingNode)
+    if parentToWorld is not None:  # moving local -> moving world -> MRI world
+        fromParent = np.linalg.inv(parentToWorld) @ fromParent
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformFromParent(_arrayToMatrix(fromParent))
+    return node
+
+
+def transformToParentMatrix(transformNode) -> np.ndarray:
+    """4x4 "to parent" matrix of a linear transform node."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    transformNode.GetMatrixTransformToParent(matrix)
+    return _matrixToArray(matrix)
