@@ -35,8 +35,8 @@ scores more. The pair is flagged when the best offset beats the given pose by mo
 Calibration (``Testing/test_alignment.py``; gain = best offset / given pose - 1)
 -----------------------------------------------------------------------------
 Must not warn (gain): SPM12 T1/PET -0.14, T1/SPECT -0.12 (SPECT stored RAS, T1 LAS), bundled MNI
-T1 / simulated PET -0.34 (different grids); the porcine CT rigidly registered to its MRI -0.07 (its
-score rises from 0.27 to 0.60); the aligned pairs moved by 3 mm along or 2 degrees about any one axis,
+T1 / simulated PET -0.34 (different grids); the porcine CT rigidly registered to its MRI (its
+score rises from 0.27 to 0.67); the aligned pairs moved by 3 mm along or 2 degrees about any one axis,
 or 2 mm + 2 degrees along/about all three at once: -0.02 at most (T1/SPECT, combined move); the
 moving volume or the MRI cropped to its foreground: -0.12 at most; either cut to a 40-100 mm axial
 slab: +0.01 at most (+0.02 for slabs of the registered porcine pair, whose tissue block is nearly
@@ -83,8 +83,8 @@ __all__ = [
 ]
 
 #: How to fix a misaligned pair; the end of every warning (change it when ``--register`` exists).
-REGISTER_HINT = ("register them first (e.g. Slicer's General Registration (BRAINS)); "
-                 "`--register rigid` will do it once available")
+REGISTER_HINT = ("register them first: `--register rigid` (Register first: Rigid in Slicer), "
+                 "or `lightfusion register` to keep the transform")
 
 #: Spacing (mm) the volumes are block-averaged to before measuring. 4 mm keeps a head at about
 #: 50^3 samples (cost) and still resolves the head outline and the brain / skull / ventricle
