@@ -1050,3 +1050,45 @@ def test_reload_packages_makes_the_next_import_read_edited_files(tmp_path):
                           env={**__import__("os").environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("reloaded")
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM export of a fused node (the same writer as `lightfusion fuse --format dicom`)
+
+def test_fused_node_exports_as_a_dicom_series_on_the_mri_series_grid(scene, tmp_path):
+    from stand_ins import PORCINE_MR
+
+    if not PORCINE_MR.is_dir():
+        pytest.skip("realdata not present")
+    from LightFusionLib.volumeio import read_volume
+
+    mri_image = read_volume(PORCINE_MR, "MRI")
+    mri = scene.AddNewNodeByClass(mrml.SCALAR_CLASS, "T2")
+    mrml.updateVolumeNodeFromImage(mri, mri_image)
+    # A scalar 'fused' result on the MRI grid, under the same parent transform as the MRI: the series
+    # must lie on the MRI series' own grid (file frame), not on the transformed one.
+    fused_image = sitk.Cast(sitk.RescaleIntensity(mri_image, 0, 255), sitk.sitkUInt8)
+    fused = scene.AddNewNodeByClass(mrml.SCALAR_CLASS, "T2_CT_fused")
+    mrml.updateVolumeNodeFromImage(fused, fused_image)
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 25.0)
+    shift.SetMatrixTransformToParent(matrix)
+    for node in (mri, fused):
+        node.SetAndObserveTransformNodeID(shift.GetID())
+
+    out = LightFusionLogic().exportDicomSeries(fused, mri, tmp_path / "series", sourceFiles=PORCINE_MR,
+                                               task="ct-mri")
+    back = read_volume(out, "fused series")
+    assert back.GetSize() == mri_image.GetSize()
+    np.testing.assert_allclose(back.GetOrigin(), mri_image.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(back.GetSpacing(), mri_image.GetSpacing(), atol=1e-4)
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(fused_image))
+    assert len(list(out.iterdir())) == mri_image.GetSize()[2]
+
+
+def test_dicom_export_of_an_mri_not_from_dicom_is_refused(scene, tmp_path):
+    mri = add_volume(blob((6, 8, 7)), name="MRI")
+    with pytest.raises(LightFusionInputError, match="not loaded from DICOM"):
+        LightFusionLogic().exportDicomSeries(mri, mri, tmp_path / "series")
+    assert not (tmp_path / "series").exists()

@@ -658,6 +658,34 @@ class LightFusionLogic(_LogicBase):
         run = self.lastRun
         return display.showClassicOverlay(scene, mri, other, get_task(run["task"]).functional, run.get("otherWindow"))
 
+    # -- DICOM export -----------------------------------------------------------------------------
+    def exportDicomSeries(self, fusedNode, mriNode, outputFolder: str | os.PathLike, sourceFiles=None,
+                          task: str | None = None) -> Path:
+        """Write ``fusedNode`` as a DICOM series derived from the MRI's series (its patient and study, a
+        new series on the MRI's frame of reference; what ``lightfusion fuse --format dicom`` writes, by
+        the same writer: :func:`LightFusionLib.dicom_write.write_dicom_series`) into the new folder
+        ``outputFolder``, which a PACS viewer accepts.
+
+        ``sourceFiles``: the MRI series' DICOM files (or their folder); default: looked up in Slicer's
+        DICOM database from the node's ``DICOM.instanceUIDs`` attribute (set when the MRI was loaded
+        through the DICOM module). Raises LightFusionInputError when the MRI did not come from DICOM,
+        and the library's one-line errors for an unusable output folder.
+        """
+        from LightFusionLib.dicom_write import write_dicom_series
+
+        if sourceFiles is None:
+            uids = (mriNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+            database = getattr(__import__("slicer"), "dicomDatabase", None)
+            if not uids or database is None:
+                raise LightFusionInputError(
+                    f"the MRI {mrml.nodeLabel(mriNode)} was not loaded from DICOM (no DICOM.instanceUIDs): a DICOM "
+                    "series needs the MRI's patient and study; save the fused volume as NRRD or NIfTI instead")
+            sourceFiles = [database.fileForInstance(uid) for uid in uids]
+        # The node's own (local) geometry: the series lies on the MRI series' grid, as the node does
+        # when it shares the MRI's parent transform.
+        image = mrml.imageFromVolumeNode(fusedNode, "fused volume", world=False)
+        return write_dicom_series(image, sourceFiles, outputFolder, task=task)
+
     # -- sample data ----------------------------------------------------------------------------
     def loadSampleData(self, scene=None, folder: str | os.PathLike | None = None):
         """Load the bundled sample MRI and PET/SPECT/CT volumes -> (mriNode, otherNode, task).

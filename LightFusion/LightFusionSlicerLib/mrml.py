@@ -138,8 +138,9 @@ def voxelArray(node) -> np.ndarray:
     return np.array(numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape), copy=True)
 
 
-def imageFromVolumeNode(node, role: str = "input"):
-    """Copy a scalar or RGB volume node into a SimpleITK image with its world geometry.
+def imageFromVolumeNode(node, role: str = "input", world: bool = True):
+    """Copy a scalar or RGB volume node into a SimpleITK image with its world geometry (``world``
+    False: its own geometry, without parent transforms, i.e. in the frame of the file it came from).
 
     The node is not modified. A nonzero vtkImageData extent start is folded into the origin.
     """
@@ -148,7 +149,7 @@ def imageFromVolumeNode(node, role: str = "input"):
     checkInputVolumeNode(node, role)
     array = voxelArray(node)
     image = sitk.GetImageFromArray(array, isVector=array.ndim == 4)
-    matrix = worldIJKToRAS(node)
+    matrix = worldIJKToRAS(node) if world else ijkToRAS(node)
     extent = node.GetImageData().GetExtent()
     start = np.array([extent[0], extent[2], extent[4], 1.0])
     if np.any(start[:3]):
