@@ -55,7 +55,6 @@ threads' output in a GUI such as Slicer).
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -65,6 +64,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from .errors import VolumeError
+from .volumeio import sitk_message
 
 try:  # pydicom >= 3
     from pydicom.pixels import apply_modality_lut
@@ -103,20 +103,11 @@ def read_dicom_series(folder: str | Path, role: str = "volume") -> sitk.Image:
     folder = Path(folder)
     where = f"{role} folder {folder}"
     files = dicom_series_files(folder, role)
-    headers = [_read_header(Path(f), role) for f in files]
+    headers = [read_header(Path(f), role) for f in files]
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(files))
-    exact = _sitk_is_exact(headers)
-    if not exact:
-        # float32 output: also what is returned by the fallback below, and ITK converts each slice
-        # on its own, so the first slice's integer type does not clip the others.
-        reader.SetOutputPixelType(sitk.sitkFloat32)
-    image = _execute(reader, where)
-    if not exact:
-        image = _with_modality_values(image, headers, where)
-    _set_metadata(image, headers[0])
-    return image
+    return _read_real_values(reader, headers, where)
 
 
 def dicom_series_files(folder: str | Path, role: str = "volume") -> list[str]:
@@ -133,7 +124,7 @@ def dicom_series_files(folder: str | Path, role: str = "volume") -> list[str]:
             if len(ids) == 1:
                 files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
         except RuntimeError as exc:
-            raise DicomError(f"cannot read {where}: {_sitk_message(exc)}") from None
+            raise DicomError(f"cannot read {where}: {sitk_message(exc)}") from None
     if not ids:
         raise DicomError(f"{where} holds no DICOM series")
     if len(ids) > 1:
@@ -156,10 +147,17 @@ def read_dicom_file(path: str | Path, role: str = "volume") -> sitk.Image:
         try:
             reader.ReadImageInformation()
         except RuntimeError as exc:
-            raise DicomError(f"cannot read {where} as DICOM: {_sitk_message(exc)}") from None
-    headers = [_read_header(path, role)]
+            raise DicomError(f"cannot read {where} as DICOM: {sitk_message(exc)}") from None
+    return _read_real_values(reader, [read_header(path, role)], where)
+
+
+def _read_real_values(reader: sitk.ImageSeriesReader | sitk.ImageFileReader, headers: Sequence[Dataset],
+                      where: str) -> sitk.Image:
+    """SimpleITK's read where it is exact, else float32 with pydicom's modality-LUT values pasted in."""
     exact = _sitk_is_exact(headers)
     if not exact:
+        # float32 output: also what is returned by the fallback, and ITK converts each slice on its
+        # own, so the first slice's integer type does not clip the others.
         reader.SetOutputPixelType(sitk.sitkFloat32)
     image = _execute(reader, where)
     if not exact:
@@ -181,16 +179,6 @@ def _itk_warnings_off() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(before)
 
 
-def _sitk_message(exc: Exception) -> str:
-    """Last meaningful line of a SimpleITK exception (they carry file/line noise first)."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    msg = lines[-1] if lines else type(exc).__name__
-    for prefix in ("sitk::ERROR:", "ITK ERROR:"):
-        if prefix in msg:
-            msg = msg.split(prefix, 1)[1].strip()
-    return re.sub(r"^\w+ ?\(0x[0-9a-fA-F]+\):\s*", "", msg)  # "GDCMImageIO(0x55...): " is noise
-
-
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -201,11 +189,11 @@ def _execute(reader: sitk.ImageSeriesReader | sitk.ImageFileReader, where: str) 
         try:
             return reader.Execute()
         except RuntimeError as exc:
-            raise DicomError(f"cannot read {where}: {_sitk_message(exc)}") from None
+            raise DicomError(f"cannot read {where}: {sitk_message(exc)}") from None
 
 
-def _read_header(path: Path, role: str) -> Dataset:
-    """The file's data set without pixel data. force=True: GDCM already took it for DICOM, and
+def read_header(path: Path, role: str) -> Dataset:
+    """The file's data set without pixel data (DicomError, one line, when it does not read). force=True: GDCM already took it for DICOM, and
     files without the 128-byte preamble exist."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)

@@ -35,7 +35,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from . import __version__
-from .dicom import DicomError, _itk_warnings_off, dicom_series_files
+from .dicom import DicomError, _itk_warnings_off, dicom_series_files, read_header
 from .errors import VolumeError
 from .fileio import OutputError, atomic_output_folder, check_new_output_folder
 from .geometry import same_grid
@@ -108,7 +108,7 @@ def write_dicom_series(image: sitk.Image, source: str | Path | Sequence[str | Pa
     files = check_dicom_source(source)
     check_new_output_folder(output, "DICOM output folder", tuple({f.parent for f in files}))
     rgb = _check_pixels(image)
-    headers = [_read_header(f) for f in files]
+    headers = [read_header(f, "the MRI's DICOM") for f in files]
     slices = _match_slices(image, headers)
 
     now = datetime.datetime.now()
@@ -155,15 +155,6 @@ def _int(value) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def _read_header(path: Path) -> Dataset:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception as exc:  # pydicom raises many types for a broken file
-        raise VolumeError(f"cannot read the MRI's DICOM file {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-    ds.filename = str(path)
-    return ds
 
 
 def _check_pixels(image: sitk.Image) -> bool:

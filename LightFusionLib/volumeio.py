@@ -13,6 +13,7 @@ and never reach the terminal; our one-line errors quote them where they say some
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def sitk_message(exc: Exception) -> str:
     for prefix in ("sitk::ERROR:", "ITK ERROR:"):
         if prefix in msg:
             msg = msg.split(prefix, 1)[1].strip()
-    return msg
+    return re.sub(r"^\w+ ?\(0x[0-9a-fA-F]+\):\s*", "", msg)  # "GDCMImageIO(0x55...): " is noise
 
 
 def _is_dicom_file(path: Path) -> bool:
