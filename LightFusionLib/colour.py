@@ -52,3 +52,62 @@ def luma(image: np.ndarray) -> np.ndarray:
     if image.ndim >= 3 and image.shape[-1] == 3:
         return _rgb_luma(image)
     return image.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# colour restoration: the fused luma back into colour
+# ----------------------------------------------------------------------------------------------
+COLOUR_MODES = ("yuv", "saturated")
+DEFAULT_COLOUR_MODE = "yuv"
+# 'saturated': the most the chroma is scaled up (a dark, faintly tinted pixel under bright MRI
+# would otherwise take on the most saturated colour its luma allows)
+MAX_CHROMA_GAIN = 4.0
+
+
+def check_colour_mode(mode: str | None) -> str:
+    """'yuv' | 'saturated' (None: :data:`DEFAULT_COLOUR_MODE`); raises ValueError otherwise."""
+    mode = DEFAULT_COLOUR_MODE if mode is None else str(mode).strip().lower()
+    if mode not in COLOUR_MODES:
+        raise ValueError(f"unknown colour mode {mode!r}; choose one of {', '.join(COLOUR_MODES)}")
+    return mode
+
+
+def restore_colour(source_rgb: np.ndarray, fused_y: np.ndarray, source_y: np.ndarray | None = None,
+                   mode: str | None = None, max_gain: float = MAX_CHROMA_GAIN) -> np.ndarray:
+    """Colour the fused luma with the source's colours: RGB (..., 3) uint8.
+
+    ``source_rgb`` (..., 3) and ``fused_y`` (...) on the 0-255 scale; ``source_y``: the source's
+    BT.601 luma if already known. ``mode``:
+
+    - ``'yuv'`` (the paper's): the source's chroma (U, V) unchanged under the new luma
+      (:func:`replace_luma`). Where the fused luma rises (bright MRI), the colour keeps its
+      chroma but gains lightness: it turns pastel. R, G, B are clipped to [0, 255], which changes
+      the luma of saturated colours.
+    - ``'saturated'``: where the fused luma rises, the chroma is scaled with it, ``C' = C * Y'/Y``
+      (at most ``max_gain`` times), so the chroma-to-luma ratio, i.e. the saturation, of the source
+      is kept (at gain g the colour is the source RGB scaled by g); where the fused luma falls, the
+      chroma is kept, as in 'yuv' (a darker colour with the same chroma: no less saturated).
+      Colours that would leave the RGB gamut are desaturated towards grey at constant luma just
+      enough to fit, so the luma of the result is ``fused_y`` exactly, up to uint8 rounding (no
+      clipping error, unlike 'yuv').
+    """
+    mode = check_colour_mode(mode)
+    if mode == "yuv":
+        return replace_luma(source_rgb, fused_y, source_y)
+    rgb = np.asarray(source_rgb, np.float32)
+    if source_y is None:
+        source_y = _rgb_luma(rgb)
+    source_y = np.asarray(source_y, np.float32)
+    y = np.clip(np.asarray(fused_y, np.float32), 0, 255)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(source_y > 0.5, y / np.maximum(source_y, 0.5), np.float32(max_gain))
+    gain = np.clip(gain, np.float32(1), np.float32(max_gain))  # never less chroma than the source's
+    chroma = (rgb - source_y[..., None]) * gain[..., None]  # luma-free: its BT.601 luma is 0
+    # the largest t <= 1 with y + t * chroma inside [0, 255] in every channel
+    with np.errstate(divide="ignore", invalid="ignore"):
+        room = np.where(chroma > 0, (255 - y)[..., None] / chroma,
+                        np.where(chroma < 0, -y[..., None] / chroma, np.inf))
+    t = np.minimum(1.0, room.min(axis=-1))
+    out = y[..., None] + chroma * t[..., None]
+    np.rint(out, out=out)
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)

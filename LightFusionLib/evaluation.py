@@ -1,8 +1,18 @@
 """Side-by-side evaluation of LightFusion and the classical baselines on paired 2-D slices.
 
-Every method fuses the luma (Y) of the functional image with the MRI; for pseudo-colour PET/SPECT
-the fused Y is put back with the source's chroma (U, V) and the RGB result is scored on its
-rounded BT.601 luma, as the field's reference evaluator does.
+Every method fuses the luma (Y) of the functional image with the MRI. What is scored
+(``score_on``):
+
+- ``"luma"`` (default, the field's convention: CDDFuse's test script and the MMIF evaluator): the
+  fused luma as the method outputs it, rounded to 8 bits, against the grey-level sources (the
+  PET/SPECT's BT.601 luma rounded to integers, which is also what the methods fuse). These
+  numbers are comparable with published ones (``shared/metrics``).
+- ``"rgb"``: what a user sees. The fused Y is put back with the source's chroma (U, V), R, G, B
+  rounded and clipped to [0, 255], and that image is scored on its rounded BT.601 luma; the
+  methods fuse the unrounded source luma. Clipping changes the luma where colours saturate, so
+  these differ from the field's numbers on saturated pairs.
+
+CT-MRI is grayscale: both conventions give the same numbers.
 """
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES
-from .colour import luma, replace_luma
+from .colour import check_colour_mode, luma, restore_colour
 from .data import DataError, find_pairs, load_pairs
 from .errors import LightFusionError
 from .fileio import check_output_folder
@@ -20,6 +30,22 @@ from .tasks import check_task
 from .metrics import METRIC_NAMES, evaluate_fusion
 
 METHODS = ("lightfusion",) + tuple(BASELINES)
+SCORE_ON = ("luma", "rgb")
+
+
+def model_task(model: str | Path) -> str | None:
+    """The task a model file (.pt or .onnx) was trained for, or None when the file does not say."""
+    path = Path(model)
+    if path.suffix.lower() == ".onnx":
+        from .backends import onnx_metadata
+
+        try:
+            return onnx_metadata(path).get("lightfusion_task") or None
+        except (OSError, ValueError, IndexError):
+            return None
+    from .models import read_model_file
+
+    return read_model_file(path).get("task")
 
 
 def _fuse_method(method: str, mri: np.ndarray, other_y: np.ndarray, backend) -> np.ndarray:
@@ -33,15 +59,30 @@ def _fuse_method(method: str, mri: np.ndarray, other_y: np.ndarray, backend) -> 
 def evaluate(data: str | Path, task: str, model: str | Path | None = None,
              methods: list[str] | None = None, backend: str = "auto", device: str = "auto",
              save_images: str | Path | None = None, cases: list[str] | None = None,
-             progress: bool = True, half: bool = False) -> dict:
+             progress: bool = True, half: bool = False, score_on: str = "luma",
+             colour: str | None = None) -> dict:
     """Run each method over all pairs of ``data`` (optionally only ``cases``) and score it.
 
-    Returns ``{"task", "pairs", "methods": {name: {metric: mean, ..., "seconds": float}}}``, metric
-    means over pairs; "seconds" is the method's total fusion time over all pairs.
+    ``score_on``: 'luma' (the field's convention, default) or 'rgb' (see the module docstring).
+    ``colour``: how PET/SPECT fused luma is coloured for 'rgb' scoring and saved images ('yuv' or
+    'saturated', :func:`LightFusionLib.colour.restore_colour`; None: its default); 'luma' scores
+    do not depend on it.
+    ``model`` may have been trained for another task (a cross-task experiment, e.g. the PET-MRI
+    model on SPECT-MRI pairs): it is run as it is, and the report says so.
+
+    Returns ``{"task", "pairs", "score_on", "methods": {name: {metric: mean, ..., "seconds": float}}}``,
+    metric means over pairs; "seconds" is the method's total fusion time over all pairs. With a
+    model of another task, also ``"model_task"`` and ``"note"``.
     """
     from tqdm import tqdm
 
     task = check_task(task)
+    if score_on not in SCORE_ON:
+        raise LightFusionError(f"unknown score_on {score_on!r}; choose from {', '.join(SCORE_ON)}")
+    try:
+        colour_mode = check_colour_mode(colour)
+    except ValueError as exc:
+        raise LightFusionError(str(exc)) from None
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -52,28 +93,44 @@ def evaluate(data: str | Path, task: str, model: str | Path | None = None,
         if not pairs:
             raise DataError(f"no pairs of case(s) {', '.join(cases)} in {data}")
     net = None
+    trained_for = None
     if "lightfusion" in methods:
         from .backends import load_backend
 
-        net = load_backend(model, task, backend, device, half=half)
+        if model is not None and Path(model).is_file():
+            trained_for = model_task(model)
+        # A model of another task is run as it is (the backend checks it against its own task).
+        net = load_backend(model, trained_for or task, backend, device, half=half)
     arrays = load_pairs(pairs)
     if save_images:  # inputs are all checked: make (and check) it now, not after every method has run
         check_output_folder(save_images, "image folder")
     mri = arrays.mri.astype(np.float32) / 255.0
-    colour = arrays.other.ndim == 4
-    other_y = luma(arrays.other) / 255.0
+    is_colour = arrays.other.ndim == 4
+    source_y = luma(arrays.other)  # 0-255 float32
+    if score_on == "luma":
+        source_y = np.rint(source_y)  # the grey-level source, as the field reads it
+        scored_other = source_y.astype(np.uint8)
+    other_y = source_y / np.float32(255)
 
-    report = {"task": task, "pairs": len(pairs), "methods": {}}
+    report = {"task": task, "pairs": len(pairs), "score_on": score_on, "methods": {}}
+    if is_colour and score_on == "rgb":
+        report["colour"] = colour_mode
     if net is not None:
         report["backend"] = net.describe()
+        if trained_for and trained_for != task:
+            report["model_task"] = trained_for
+            report["note"] = f"the model was trained for {trained_for}, not {task} (a cross-task evaluation)"
     for method in methods:
         t0 = time.perf_counter()
         fused_y = _fuse_method(method, mri, other_y, net)
         seconds = time.perf_counter() - t0
-        fused = replace_luma(arrays.other, fused_y * 255.0) if colour else np.clip(np.rint(fused_y * 255.0), 0, 255).astype(np.uint8)
+        grey = _to_uint8(fused_y)
+        # The image a user sees (and --save-images writes): RGB for PET/SPECT, grey for CT.
+        fused = restore_colour(arrays.other, fused_y * 255.0, None, colour_mode) if is_colour else grey
+        scored, scored_a = (grey, scored_other) if score_on == "luma" else (fused, arrays.other)
         scores = {k: [] for k in METRIC_NAMES}
         for i in tqdm(range(len(pairs)), desc=f"score {method}", disable=not progress, leave=False):
-            for k, v in evaluate_fusion(fused[i], arrays.other[i], arrays.mri[i]).items():
+            for k, v in evaluate_fusion(scored[i], scored_a[i], arrays.mri[i]).items():
                 scores[k].append(v)
         row = {k: float(np.mean(v)) for k, v in scores.items()}
         row["seconds"] = round(seconds, 4)
@@ -81,6 +138,16 @@ def evaluate(data: str | Path, task: str, model: str | Path | None = None,
         if save_images:
             _save_images(Path(save_images) / method, arrays.names, fused)
     return report
+
+
+def _to_uint8(fused_y: np.ndarray) -> np.ndarray:
+    """[0, 1] fused luma -> uint8 0-255, rounded half to even like the field's np.round.
+
+    Values are snapped to 1e-3 grey levels first, so float noise from the [0, 1] scale (e.g.
+    (10 + 11) / 2 computed as 10.500001) does not decide a tie that the exact value would.
+    """
+    y = np.round(np.asarray(fused_y, np.float64) * 255.0, 3)
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
 
 
 def _save_images(folder: Path, names: list[str], fused: np.ndarray) -> None:

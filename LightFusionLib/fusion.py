@@ -48,7 +48,7 @@ import SimpleITK as sitk
 
 from .backends import BackendOutOfMemory, FusionBackend, load_backend
 from .colormaps import NONE, apply_colormap, lookup_table
-from .colour import luma, replace_luma
+from .colour import check_colour_mode, luma, restore_colour
 from .dicom import dicom_modality
 from .errors import FusionCancelled, VolumeError
 from .fileio import same_path
@@ -300,10 +300,12 @@ def _check_options(axis: str, plane_size: int | None, batch_size: int | None) ->
 
 def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial", batch_size: int | None = None,
                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                  plane_size: int | None = NET_SIZE) -> sitk.Image:
+                  plane_size: int | None = NET_SIZE, colour_mode: str | None = None) -> sitk.Image:
     """Fuse a :class:`PreparedPair` plane by plane; the result is on the MRI's own grid (see
-    :func:`fuse_volumes`)."""
+    :func:`fuse_volumes`). ``colour_mode``: how the fused luma is coloured
+    (:func:`LightFusionLib.colour.restore_colour`; None: its default)."""
     _check_options(axis, plane_size, batch_size)
+    colour_mode = check_colour_mode(colour_mode)
     ref = pair.reference
     index_axis = slicing_axis(ref, axis)
     np_axis = 2 - index_axis  # numpy axes are the index axes reversed
@@ -345,7 +347,7 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
                               "(a damaged model file or an internal error); nothing was written")
         np.clip(fused, 0.0, 1.0, out=fused)
         if rgb:
-            out_planes[start:stop] = replace_luma(colour[0], fused * 255, colour[1])
+            out_planes[start:stop] = restore_colour(colour[0], fused * 255, colour[1], colour_mode)
         else:
             out_planes[start:stop] = np.rint(fused * 255).astype(np.uint8)
         if progress is not None:
@@ -376,7 +378,8 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
                  colormap: str | None = None, batch_size: int | None = None, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None, mri_window: tuple[float, float] | None = None,
                  other_window: tuple[float, float] | None = None, plane_size: int | None = NET_SIZE,
-                 half: bool = False, transform: sitk.Transform | None = None, register: str = "none") -> sitk.Image:
+                 half: bool = False, transform: sitk.Transform | None = None, register: str = "none",
+                 colour_mode: str | None = None) -> sitk.Image:
     """Fuse a 3-D MRI with a PET / SPECT / CT volume; the result lies on the MRI grid.
 
     Args:
@@ -403,6 +406,8 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
             :func:`LightFusionLib.registration.register_volumes` or a .tfm file), applied to ``other``.
         register: 'none' (the volumes are aligned as they lie), 'rigid' or 'affine' (register
             ``other`` to the MRI first; see :func:`prepare_pair`).
+        colour_mode: PET/SPECT colour restoration, 'yuv' (the paper's) or 'saturated'
+            (:func:`LightFusionLib.colour.restore_colour`; None: its default). The fused luma is the same.
 
     Returns:
         SimpleITK image on the MRI grid: ``sitkVectorUInt8`` RGB for PET/SPECT (coloured or RGB
@@ -418,7 +423,7 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
     _check_options(axis, plane_size, batch_size)
     fuser = resolve_backend(backend, model, task, device, half)
     pair = prepare_pair(mri, other, task, colormap, mri_window, other_window, transform=transform, register=register)
-    return fuse_prepared(pair, fuser, axis, batch_size, progress, cancel, plane_size)
+    return fuse_prepared(pair, fuser, axis, batch_size, progress, cancel, plane_size, colour_mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,7 +455,7 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
                mri_window: tuple[float, float] | None = None, other_window: tuple[float, float] | None = None,
                plane_size: int | None = NET_SIZE, half: bool = False, register: str = "none",
                transform: str | Path | sitk.Transform | None = None,
-               save_transform: str | Path | None = None) -> FileFusion:
+               save_transform: str | Path | None = None, colour_mode: str | None = None) -> FileFusion:
     """Read two volumes (any SimpleITK format or a DICOM series folder), fuse, write ``output``
     atomically and verified, in the format of its extension. ``progress=True`` shows tqdm bars.
 
@@ -490,7 +495,7 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
 
     with progress_bar(n, f"fusing ({fuser.describe()})", progress) as callback:
         t0 = time.perf_counter()
-        fused = fuse_prepared(pair, fuser, axis, batch_size, callback, cancel, plane_size)
+        fused = fuse_prepared(pair, fuser, axis, batch_size, callback, cancel, plane_size, colour_mode)
         seconds = time.perf_counter() - t0
     write_volume(fused, out_p)
     saved = None
