@@ -138,7 +138,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                       backend=args.backend, device=args.device, save_images=args.save_images,
                       cases=[c.strip() for c in args.cases.split(",")] if args.cases else None,
-                      progress=not args.quiet, half=args.half)
+                      progress=not args.quiet, half=args.half, score_on=args.score_on, colour=args.colour)
+    if report.get("note"):
+        print(f"note: {report['note']}")
     print(format_table(report))
     if args.json:
         _write_json(args.json, report)
@@ -238,10 +240,49 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_file(args.json, "JSON report")
+    if args.batch_cases:
+        return _cmd_benchmark_batch(args)
     report = run_benchmark(task=args.task, backend=args.backend, device=args.device, batch_sizes=args.batch_sizes,
                            volume=not args.no_volume, seconds=args.seconds, volume_shape=args.volume_size,
                            half=args.half)
     print(format_report(report))
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import FuseOptions, describe_case, plan_batch, run_plan
+
+    plan = plan_batch(args.input, args.out, task=args.task, ext=args.ext, montage=not args.no_montage,
+                      axis=args.axis, colormap=args.colormap, model=args.model, register=args.register)
+    print(plan.describe())
+    for skip in plan.skipped:
+        print(f"  not fused: {skip['path']}: {skip['reason']}")
+    if args.dry_run:
+        for case in plan.cases:
+            print(f"  {describe_case(case, plan)}" + (f" [{case.match}]" if case.match else ""))
+        return 0
+    options = FuseOptions(backend=args.backend, device=args.device, half=args.half, batch_size=args.batch_size,
+                          plane_size=args.plane_size or None, mri_window=args.mri_window,
+                          other_window=args.other_window, threads=args.threads)
+    result = run_plan(plan, workers=args.workers, scheduler=args.scheduler, force=args.force, options=options,
+                      progress=not args.quiet)
+    print(result.describe())
+    for row in result.failed[:20]:
+        print(f"  failed {row['id']}: {row['message']}")
+    if len(result.failed) > 20:
+        print(f"  ... and {len(result.failed) - 20} more failed (summary.csv lists them all)")
+    print(f"  {result.summary_csv}\n  {result.summary_json}" + (f"\n  {result.report}" if result.report else ""))
+    return 3 if result.failed else 0
+
+
+def _cmd_benchmark_batch(args: argparse.Namespace) -> int:
+    from .benchmark import batch_benchmark, format_batch_report
+
+    report = batch_benchmark(cases=args.batch_cases, workers=args.batch_workers, backend=args.backend,
+                             device=args.device, memory_cases=args.memory_cases)
+    print(format_batch_report(report))
     if args.json:
         _write_json(args.json, report)
     return 0
@@ -302,10 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score LightFusion and baselines on paired slices")
     p.add_argument("--data", required=True, help="folder with MRI/ and PET/|SPECT/|CT/ (paired file names)")
     p.add_argument("--task", required=True, choices=TASK_CHOICES, help="the fusion task to score")
-    p.add_argument("--model", help="model file (default: the shipped model of the task)")
+    p.add_argument("--model", help="model file (default: the shipped model of the task); a model trained for "
+                                   "another task is run as it is, a cross-task experiment, with a note")
     p.add_argument("--methods", default="lightfusion,average,max,laplacian",
                    help="comma-separated methods to score (default lightfusion,average,max,laplacian)")
     p.add_argument("--cases", help="only these comma-separated case ids (e.g. a validation split)")
+    p.add_argument("--score-on", choices=("luma", "rgb"), default="luma",
+                   help="PET/SPECT: score the fused luma against the grey-level sources, the field's convention "
+                        "(luma, default), or the luma of the RGB image after the chroma is put back and clipped, "
+                        "what a user sees (rgb)")
+    p.add_argument("--colour", choices=("yuv", "saturated"), default=None,
+                   help="PET/SPECT colour restoration for --score-on rgb and --save-images: the paper's plain YUV "
+                        "(yuv, default) or chroma scaled with the luma (saturated); the fused luma is the same")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--save-images", help="folder for the fused images (<method>/<name>.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -355,6 +404,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_register)
 
+    p = sub.add_parser("batch", help="fuse a cohort (CSV manifest or BIDS dataset), resumable, on local processes "
+                                     "or a Dask cluster, with a summary and a review report",
+                       description="Fuse every case of a CSV manifest (id,mri,other[,task,axis,colormap,model,"
+                                   "register], paths relative to the CSV) or of a BIDS dataset (anat T1w/T2w with "
+                                   "the pet image or a CT, written as a BIDS-Derivatives folder). A rerun keeps "
+                                   "the verified outputs and fuses the rest; a failing case is recorded and the "
+                                   "others go on. Writes summary.csv, summary.json and report.html into --out. "
+                                   "Exit code 3 when some cases failed.")
+    p.add_argument("input", help="CSV manifest, or the root folder of a BIDS dataset")
+    p.add_argument("--out", required=True,
+                   help="output folder (created; for BIDS e.g. <dataset>/derivatives/lightfusion)")
+    p.add_argument("--task", choices=TASK_CHOICES,
+                   help="CSV: the task of rows without one (default pet-mri); BIDS: only pairs of this task "
+                        "(pet-mri or ct-mri; default both)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="worker processes on this machine, each loading the model once (default 1: in this process)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the cases on this Dask distributed scheduler (tcp://HOST:PORT; needs "
+                        "pip install 'lightfusion[cluster]')")
+    p.add_argument("--threads", type=_positive_int,
+                   help="network threads per case (default: the cores shared out among the workers)")
+    p.add_argument("--force", action="store_true", help="redo every case, also those with verified outputs")
+    p.add_argument("--ext", help="format of the fused volumes: .nrrd (CSV default), .nii.gz (BIDS: the only one), .mha")
+    p.add_argument("--no-montage", action="store_true",
+                   help="write no montage PNG per case (the report then shows none)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cases (what is matched with what, where it goes) and what is not fused; fuse nothing")
+    p.add_argument("--model", help="model file (.pt or .onnx) instead of the task's shipped model (BIDS: with --task)")
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
+                   help="planes the network sees (default axial; a CSV axis column overrides it)")
+    p.add_argument("--colormap", type=_colormap, help="colour map for PET/SPECT cases: harvard-pet, harvard-spect, "
+                                                      "hot, jet, or 'none' (default: the task's)")
+    p.add_argument("--register", default="none", choices=["none", "rigid", "affine"],
+                   help="register each other volume to its MRI first (default none: already aligned)")
+    p.add_argument("--batch-size", type=_positive_int, help="planes per network call (default: the backend's choice)")
+    p.add_argument("--mri-window", type=_window, metavar="LO,HI",
+                   help="MRI intensity window for every case (default: each volume's robust percentiles)")
+    p.add_argument("--other-window", type=_window, metavar="LO,HI",
+                   help="PET/SPECT/CT window for every case, in its units (default: each volume's own)")
+    p.add_argument("--plane-size", type=int, default=256,
+                   help="planes run at N x N (aspect kept, padded); 0 = native size (default 256)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_backend_args(p)
+    p.set_defaults(func=_cmd_batch)
+
     p = sub.add_parser("demo", help="fuse the bundled sample PET/MRI volumes",
                        description="Fuse the bundled sample pair (MNI152 T1 + simulated FDG-PET) and write "
                                    "fused.nrrd, montage.png and metrics.json into --out.")
@@ -368,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, default="1,4,16", help="comma-separated (default 1,4,16)")
     p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     p.add_argument("--no-volume", action="store_true", help="skip the end-to-end volume benchmark")
+    p.add_argument("--batch-cases", type=_positive_int,
+                   help="instead: N copies of the sample pair through `lightfusion batch` against N sequential "
+                        "`lightfusion fuse` processes, then worker memory over --memory-cases small cases")
+    p.add_argument("--batch-workers", type=_positive_int, default=2, help="--workers of the batch benchmark (default 2)")
+    p.add_argument("--memory-cases", type=int, default=200,
+                   help="small synthetic cases of the batch memory run (default 200; 0 skips it)")
     p.add_argument("--volume-size", type=_volume_size, default="256,256,256",
                    help="X,Y,Z voxels of the synthetic MRI volume (each at least 16)")
     p.add_argument("--json", help="write the report as JSON here")
