@@ -1,4 +1,4 @@
-"""The ``lightfusion`` command line: train, evaluate, fuse, demo, benchmark, export-onnx, info.
+"""The ``lightfusion`` command line: train, evaluate, fuse, register, batch, demo, benchmark, export-onnx, info.
 
 Every user error (a bad option, input or output; an OS error such as a full disk) ends as one line
 ``lightfusion <command>: error: <what is wrong>`` on stderr and exit code 2; every output path is
