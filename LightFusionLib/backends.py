@@ -258,12 +258,20 @@ def onnx_metadata(path: str | Path) -> dict[str, str]:
 
 
 class OpenVinoBackend(FusionBackend):
-    """OpenVINO runtime inference of an exported ONNX model, on the CPU, in fp32.
+    """OpenVINO runtime inference of an exported ONNX model, on the CPU, in fp32 (optional: not
+    among :data:`BACKENDS`; ``lightfusion benchmark`` measures it beside ONNX Runtime when the
+    ``openvino`` package is installed, and a ``fuse_volumes(..., backend=OpenVinoBackend(...))``
+    call can use it).
 
     The model is compiled once per plane size with static shapes (batch 1); the planes of a call
-    run as asynchronous requests on ``threads`` single-threaded streams (as :class:`OnnxBackend`
-    spreads them over single-threaded workers). The precision is pinned to f32: on CPUs with bf16
-    units OpenVINO would otherwise infer in bf16, up to 6 grey levels off.
+    run as asynchronous requests (two per stream) on ``threads`` single-threaded streams, as
+    :class:`OnnxBackend` spreads them over single-threaded workers. The precision is pinned to f32:
+    on CPUs with bf16 units OpenVINO would otherwise infer in bf16 (up to 6 grey levels off).
+
+    Measured on the 2-core test machine (AMD EPYC, Zen 3, AVX2), paired with ONNX Runtime 1.32 in
+    the same runs: 1.1-1.45x ONNX Runtime's planes/s depending on the machine's other load, within
+    0.0002 grey levels of it. Not clearly the 1.3x that would make it worth a default, so ``auto``
+    does not pick it.
     """
 
     name = "openvino"
@@ -295,7 +303,7 @@ class OpenVinoBackend(FusionBackend):
             compiled = self._core.compile_model(model, "CPU", {
                 "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": self.streams,
                 "INFERENCE_NUM_THREADS": self.streams, "PERFORMANCE_HINT": "THROUGHPUT"})
-            self._compiled[(h, w)] = ov.AsyncInferQueue(compiled, self.streams)
+            self._compiled[(h, w)] = ov.AsyncInferQueue(compiled, 2 * self.streams)
         return self._compiled[(h, w)]
 
     def __call__(self, mri: np.ndarray, other: np.ndarray) -> np.ndarray:

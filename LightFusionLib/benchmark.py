@@ -89,8 +89,13 @@ def slices_per_second(backend, batch: int, seconds: float = 3.0, size: int = 256
 
 
 def _available_backends(backend: str, device: str) -> list[tuple[str, str]]:
+    """(backend, device) pairs to measure: every installed one for 'auto', OpenVINO on the CPU
+    included (measured beside ONNX Runtime; it is not one of the fuse backends)."""
     from .backends import BACKENDS, choose_backend
 
+    openvino = [("openvino", "cpu")] if is_installed("openvino") and device in ("auto", "cpu") else []
+    if backend == "openvino":
+        return openvino or [choose_backend(backend, device)]  # not installed: choose_backend says so
     if backend != "auto":
         return [choose_backend(backend, device)]
     found = []
@@ -102,7 +107,16 @@ def _available_backends(backend: str, device: str) -> list[tuple[str, str]]:
                 continue
             if pair not in found:
                 found.append(pair)
-    return found
+    return found + openvino
+
+
+def _load_engine(task: str, name: str, device: str, half: bool):
+    from .backends import OpenVinoBackend, load_backend
+    from .models import shipped_model_path
+
+    if name == "openvino":
+        return OpenVinoBackend(task, shipped_model_path(task, ".onnx"), device)
+    return load_backend(None, task, name, device, half=half)
 
 
 # ``lightfusion ARGS``, then the process's own peak RSS in kB as the last line on stderr. Not
@@ -243,22 +257,25 @@ def volume_benchmark(task: str, backend: str, device: str, shape=(256, 256, 256)
     """End-to-end ``lightfusion fuse`` of a synthetic PET/MRI pair of ``shape`` (x, y, z) in a
     subprocess: wall seconds (read, resample, fuse, write; process start and model load included)
     and peak RSS; with ``engine`` (a loaded backend) also the in-process stages (:func:`warm_stages`),
-    as ``stages`` and, summed the way earlier reports had them, ``warm``."""
+    as ``stages`` and, summed the way earlier reports had them, ``warm``. A backend ``fuse`` does
+    not offer (openvino) gets the in-process stages only."""
+    from .backends import BACKENDS
+
     with tempfile.TemporaryDirectory() as tmp:
         mri_path, pet_path = synthetic_pair(tuple(shape), Path(tmp))
-        args = ["fuse", str(mri_path), str(pet_path), "-o", f"{tmp}/fused.nrrd", "--task", task,
-                "--backend", backend, "--device", device, "--quiet"] + (["--half"] if half else [])
-        load = load_average()
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _FUSE_REPORTING_PEAK, *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-        seconds = time.perf_counter() - t0
-        lines = proc.stderr.strip().splitlines()
-        if proc.returncode != 0 or not lines or not lines[-1].startswith("peak_rss_kb="):
-            raise RuntimeError(f"volume benchmark failed: {lines[-2:]}")
-        peak_kb = int(lines[-1].split("=")[1])
-        result = {"shape": list(shape), "seconds": round(seconds, 3), "peak_rss_mb": round(peak_kb / 1024, 1),
-                  "load_1min_before": load}
+        result = {"shape": list(shape), "seconds": None, "peak_rss_mb": None, "load_1min_before": load_average()}
+        if backend in BACKENDS:
+            args = ["fuse", str(mri_path), str(pet_path), "-o", f"{tmp}/fused.nrrd", "--task", task,
+                    "--backend", backend, "--device", device, "--quiet"] + (["--half"] if half else [])
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", _FUSE_REPORTING_PEAK, *args], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+            seconds = time.perf_counter() - t0
+            lines = proc.stderr.strip().splitlines()
+            if proc.returncode != 0 or not lines or not lines[-1].startswith("peak_rss_kb="):
+                raise RuntimeError(f"volume benchmark failed: {lines[-2:]}")
+            result["seconds"] = round(seconds, 3)
+            result["peak_rss_mb"] = round(int(lines[-1].split("=")[1]) / 1024, 1)
         if engine is not None:
             stages = warm_stages(engine, mri_path, pet_path, Path(tmp, "warm.nrrd"), task)
             result["stages"] = stages
@@ -276,7 +293,7 @@ def run_benchmark(task: str = "pet-mri", backend: str = "auto", device: str = "a
     """Measure every available backend (or only ``backend``); with ``half``, torch on CUDA in fp16
     alone. ``volume_shape``: one (x, y, z) or a list of them (e.g. 256^3 and 512x512x400), each
     fused end to end and stage by stage. Returns the JSON-ready report."""
-    from .backends import choose_backend, load_backend
+    from .backends import choose_backend
 
     task = check_task(task)
     batch_sizes = batch_sizes or [1, 4, 16]
@@ -287,7 +304,7 @@ def run_benchmark(task: str = "pet-mri", backend: str = "auto", device: str = "a
     best, best_device = 0.0, None
     pairs = [choose_backend("torch", "cuda")] if half else _available_backends(backend, device)
     for name, dev in pairs:
-        engine = load_backend(None, task, name, dev, half=half)
+        engine = _load_engine(task, name, dev, half)
         load = load_average()
         rates = {str(b): round(slices_per_second(engine, b, seconds), 2) for b in batch_sizes}
         # The GPU goal is phrased per volume: network time for 256 planes at the best batch size.
@@ -329,10 +346,12 @@ def format_report(report: dict) -> str:
         lines.append(f"{name}: slices/s at 256x256: {rates}; network time for 256 slices "
                      f"{entry['network_ms_per_256_slices']:.0f} ms (load {entry.get('load_1min_before', '?')})")
         for v in entry.get("volumes", [entry["volume"]] if "volume" in entry else []):
-            lines.append(f"{name}: fuse {'x'.join(map(str, v['shape']))} volume end to end: {v['seconds']:.2f} s, "
-                         f"peak memory {v['peak_rss_mb']:.0f} MB (load {v.get('load_1min_before', '?')})")
+            size = "x".join(map(str, v["shape"]))
+            if v.get("seconds") is not None:
+                lines.append(f"{name}: fuse {size} volume end to end: {v['seconds']:.2f} s, peak memory "
+                             f"{v['peak_rss_mb']:.0f} MB (load {v.get('load_1min_before', '?')})")
             if "stages" in v:
-                lines.append(f"{name}:   {format_stages(v)}")
+                lines.append(f"{name}: {size}: {format_stages(v)}")
     lines.append(f"best: {report['slices_per_second']:.1f} slices/s ({report['device']})")
     return "\n".join(lines)
 

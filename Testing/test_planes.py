@@ -212,3 +212,19 @@ def test_round_trip_of_real_512_planes_is_as_faithful_as_before():
     assert error.mean() < 1.4 and np.percentile(error, 99) < 14
     np.testing.assert_allclose(back, sitk_round_trip(grid, sitk_round_trip(grid, planes, True), False),
                                rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# where the time goes: the benchmark's stage table
+# ----------------------------------------------------------------------------------------------
+def test_benchmark_stage_table_splits_host_work_from_the_network(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from LightFusionLib.backends import load_backend
+    from LightFusionLib.benchmark import HOST_STAGES, STAGES, format_stages, synthetic_pair, warm_stages
+
+    mri, pet = synthetic_pair((40, 36, 24), tmp_path)
+    stages = warm_stages(load_backend(None, "pet-mri", "onnx", "cpu"), mri, pet, tmp_path / "fused.nrrd", "pet-mri")
+    assert all(stages[k] >= 0 for k in STAGES)
+    assert stages["host"] == pytest.approx(sum(stages[k] for k in HOST_STAGES), abs=0.01)
+    assert 0 < stages["network_planes"] <= 24 and stages["network_plane_size"] == [256, 256]
+    assert (tmp_path / "fused.nrrd").is_file() and "host" in format_stages({"stages": stages})
