@@ -268,10 +268,12 @@ class OpenVinoBackend(FusionBackend):
     :class:`OnnxBackend` spreads them over single-threaded workers. The precision is pinned to f32:
     on CPUs with bf16 units OpenVINO would otherwise infer in bf16 (up to 6 grey levels off).
 
-    Measured on the 2-core test machine (AMD EPYC, Zen 3, AVX2), paired with ONNX Runtime 1.32 in
-    the same runs: 1.1-1.45x ONNX Runtime's planes/s depending on the machine's other load, within
-    0.0002 grey levels of it. Not clearly the 1.3x that would make it worth a default, so ``auto``
-    does not pick it.
+    Measured on the 2-core test machine (AMD EPYC, Zen 3, AVX2; OpenVINO 2026.4, ONNX Runtime 1.32),
+    within 0.0002 grey levels of ONNX Runtime: 59 / 79 planes/s at batch 4 / 16 against its 46 / 55
+    (1.29x / 1.45x) in one run, 1.21x and 1.27x on the planes of the 256^3 and 512x512x400 benchmark
+    volumes; alternated second by second with it, 1.15x on a quiet machine up to 1.6x under a load of
+    3-4. Not clearly the 1.3x that would earn it a place among the fuse backends, so ``auto`` never
+    picks it.
     """
 
     name = "openvino"

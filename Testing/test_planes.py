@@ -228,3 +228,19 @@ def test_benchmark_stage_table_splits_host_work_from_the_network(tmp_path):
     assert stages["host"] == pytest.approx(sum(stages[k] for k in HOST_STAGES), abs=0.01)
     assert 0 < stages["network_planes"] <= 24 and stages["network_plane_size"] == [256, 256]
     assert (tmp_path / "fused.nrrd").is_file() and "host" in format_stages({"stages": stages})
+
+
+def test_openvino_runtime_measured_beside_onnx_runtime_gives_the_same_planes():
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    from LightFusionLib.backends import OpenVinoBackend, load_backend, onnx_metadata
+    from LightFusionLib.models import ModelError, shipped_model_path
+
+    path = shipped_model_path("pet-mri", ".onnx")
+    assert onnx_metadata(path)["lightfusion_task"] == "pet-mri"
+    rng = np.random.default_rng(0)
+    mri, other = rng.random((2, 3, 40, 56), np.float32)
+    fused = OpenVinoBackend("pet-mri", path)(mri, other)
+    np.testing.assert_allclose(fused, load_backend(None, "pet-mri", "onnx", "cpu")(mri, other), atol=1e-5)
+    with pytest.raises(ModelError, match="trained for pet-mri"):
+        OpenVinoBackend("ct-mri", path)
