@@ -107,11 +107,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     preset = args.loss_preset if args.loss_preset != "auto" else get_task(args.task).loss_preset
     weights = LOSS_PRESETS[preset]
-    weights = LossWeights(
-        intensity=args.w_intensity if args.w_intensity is not None else weights.intensity,
-        gradient=args.w_gradient if args.w_gradient is not None else weights.gradient,
-        ssim=args.w_ssim if args.w_ssim is not None else weights.ssim,
-    )
+    try:
+        weights = LossWeights(
+            intensity=args.w_intensity if args.w_intensity is not None else weights.intensity,
+            gradient=args.w_gradient if args.w_gradient is not None else weights.gradient,
+            ssim=args.w_ssim if args.w_ssim is not None else weights.ssim,
+            gradient_term=args.gradient_term or weights.gradient_term,
+            intensity_target=args.intensity_target or weights.intensity_target,
+            ssim_window=args.ssim_window or weights.ssim_window,
+        )
+    except ValueError as exc:
+        raise LightFusionError(f"loss: {exc}") from None
+    extra_tasks = {}
+    for item in args.extra_task or []:
+        name, _, held_out = item.partition(":")
+        extra_tasks[name.strip()] = [c.strip() for c in held_out.split(",") if c.strip()]
     try:
         network = NetworkConfig(width=args.width, reduction=args.reduction, attention=args.attention, conv=args.conv)
     except ValueError as exc:  # NetworkConfig says what does not fit, as a plain ValueError
@@ -122,7 +132,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=Path(args.resume) if args.resume else None,
         val_cases=[c.strip() for c in args.val_cases.split(",") if c.strip()] if args.val_cases else [],
         crops_per_image=args.crops_per_image, loss_weights=weights, force=args.force, network=network,
-        threads=args.threads, val_every=args.val_every,
+        threads=args.threads, val_every=args.val_every, schedule=args.schedule, rotate=args.rotate,
+        jitter=args.jitter, init=Path(args.init) if args.init else None, extra_tasks=extra_tasks,
     )
     result = train(cfg)
     print(f"wrote {result['out']} after {result['epochs']} epochs in {result['seconds']:.0f} s")
@@ -329,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-intensity", type=float, help="intensity loss weight (overrides the preset's)")
     p.add_argument("--w-gradient", type=float, help="gradient loss weight (overrides the preset's)")
     p.add_argument("--w-ssim", type=float, help="SSIM loss weight (overrides the preset's)")
+    p.add_argument("--gradient-term", choices=["sobel", "signed"],
+                   help="sobel: |grad F| to the larger |grad| (paper eq. 2); signed: grad F to the signed "
+                        "gradient of the source with the larger magnitude (default: the preset's)")
+    p.add_argument("--intensity-target", choices=["max", "saliency"],
+                   help="max: element-wise max (paper eq. 1); saliency: sources weighted by local contrast")
+    p.add_argument("--ssim-window", type=_positive_int, help="SSIM loss window, odd (default: the preset's, 11)")
+    p.add_argument("--schedule", default="step", choices=["step", "cosine"],
+                   help="learning-rate schedule: step (x0.5 every 50 epochs, the paper's) or cosine to 0")
+    p.add_argument("--rotate", action="store_true", help="augment with random 90-degree rotations")
+    p.add_argument("--jitter", type=float, default=0.0, help="per-modality contrast jitter, e.g. 0.1 (default 0)")
+    p.add_argument("--init", help="start from this model's weights (fine-tuning)")
+    p.add_argument("--extra-task", action="append", metavar="TASK[:CASES]",
+                   help="also train on this task's pairs (same --data root), leaving out CASES "
+                        "(comma-separated); repeatable")
     p.add_argument("--width", type=_positive_int, default=16, help="feature channels of the network (default 16)")
     p.add_argument("--reduction", type=_positive_int, default=4, help="PCA bottleneck ratio (divides --width)")
     p.add_argument("--attention", default="pca", choices=["pca", "conv", "channel", "spatial", "none"],

@@ -147,11 +147,16 @@ def to_unit(arrays: PairArrays) -> tuple[np.ndarray, np.ndarray]:
 
 
 def random_crops(mri: np.ndarray, other: np.ndarray, size: int, rng: np.random.Generator,
-                 count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Same random crop and flips for both modalities.
+                 count: int | None = None, rotate: bool = False,
+                 jitter: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Same random crop, flips and (``rotate``) 90-degree rotation for both modalities.
 
+    ``jitter`` > 0 scales each modality's contrast independently by a factor in
+    [1 - jitter, 1 + jitter] about its crop mean (clipped to [0, 1]), so the network does not
+    learn one scanner's exact grey levels.
     mri, other: (N,H,W) float32. Returns two (count,1,size,size) float32 arrays, one crop per image
-    (in a shuffled order) unless ``count`` is given.
+    (in a shuffled order) unless ``count`` is given. Without rotate/jitter the random stream is the
+    same as before they existed (same seed, same crops).
     """
     n, h, w = mri.shape
     if size > min(h, w):
@@ -160,13 +165,21 @@ def random_crops(mri: np.ndarray, other: np.ndarray, size: int, rng: np.random.G
     ys = rng.integers(0, h - size + 1, len(idx))
     xs = rng.integers(0, w - size + 1, len(idx))
     flips = rng.integers(0, 2, (len(idx), 2)).astype(bool)
+    turns = rng.integers(0, 4, len(idx)) if rotate else np.zeros(len(idx), int)
     out_m = np.empty((len(idx), 1, size, size), np.float32)
     out_o = np.empty_like(out_m)
-    for k, (i, y, x, (fv, fh)) in enumerate(zip(idx, ys, xs, flips)):
+    for k, (i, y, x, (fv, fh), turn) in enumerate(zip(idx, ys, xs, flips, turns)):
         m, o = mri[i, y:y + size, x:x + size], other[i, y:y + size, x:x + size]
         if fv:
             m, o = m[::-1], o[::-1]
         if fh:
             m, o = m[:, ::-1], o[:, ::-1]
+        if turn:
+            m, o = np.rot90(m, turn), np.rot90(o, turn)
         out_m[k, 0], out_o[k, 0] = m, o
+    if jitter > 0:
+        for out in (out_m, out_o):
+            gain = rng.uniform(1 - jitter, 1 + jitter, (len(idx), 1, 1, 1)).astype(np.float32)
+            mean = out.mean(axis=(2, 3), keepdims=True)
+            np.clip((out - mean) * gain + mean, 0.0, 1.0, out=out)
     return out_m, out_o

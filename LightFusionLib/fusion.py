@@ -52,8 +52,8 @@ from .colour import check_colour_mode, luma, restore_colour
 from .dicom import dicom_modality
 from .errors import FusionCancelled, VolumeError
 from .fileio import same_path
-from .geometry import (NET_SIZE, PlaneGrid, check_axis, describe_bounds, from_canonical, resample_onto,
-                       slicing_axis, to_canonical)
+from .geometry import (NET_SIZE, PlaneGrid, canonical_view, check_axis, describe_bounds, resample_onto, slicing_axis,
+                       to_canonical)
 from .tasks import MRI_DICOM_MODALITIES, Task, get_task
 from .volumeio import check_output_format, check_output_path, check_volume, read_volume, write_volume
 from .windows import apply_window, check_window, looks_like_hu, robust_window, voxel_sample
@@ -111,22 +111,27 @@ def input_warnings(mri: sitk.Image, other: sitk.Image, task: str | Task) -> list
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class PreparedPair:
-    """Both volumes on the MRI grid in the canonical orientation, windowed; arrays are (K, J, I) =
-    SimpleITK index of ``reference`` reversed.
+    """Both volumes on the MRI grid in the canonical orientation; arrays are (K, J, I) = SimpleITK
+    index of ``reference`` reversed.
 
     ``reference``: the MRI re-stored canonically (:func:`LightFusionLib.geometry.to_canonical`);
-    ``mri_grid``: the MRI as given (the output's grid). ``mri``: float32 [0, 1]. ``other``:
-    float32 [0, 1] (windowed scalar) or uint8 (K, J, I, 3) RGB. ``lut``: (256, 3) colour map for a
-    scalar ``other`` (None: grayscale). ``coverage``: fraction of MRI voxels inside ``other``'s
-    field of view. Windows are in each volume's units. ``warnings``: one line each, see
+    ``mri_grid``: the MRI as given (the output's grid). ``mri_voxels``: the canonical MRI in its
+    own units and type, a read-only view of ``reference``. ``other_voxels``: ``other`` on that grid
+    in its own units, a read-only view (float32 with NaN outside its field of view when it was
+    resampled, its own type when it was already on the grid; (K, J, I, 3) when RGB). Windowing to
+    the network's [0, 1] happens a batch of planes at a time (:meth:`mri_unit`,
+    :meth:`other_source`), so no full-size float copy of either volume is made; :attr:`mri` and
+    :attr:`other` give whole windowed volumes for display and tests. ``lut``: (256, 3) colour map
+    for a scalar ``other`` (None: grayscale). ``coverage``: fraction of MRI voxels inside
+    ``other``'s field of view. Windows are in each volume's units. ``warnings``: one line each, see
     :func:`input_warnings`. ``transform``: MRI -> other physical points, applied when resampling
     (None: identity); ``registration``: what a registration found, when one ran.
     """
 
     reference: sitk.Image
     task: str
-    mri: np.ndarray
-    other: np.ndarray
+    mri_voxels: np.ndarray
+    other_voxels: np.ndarray
     lut: np.ndarray | None
     colormap: str
     mri_window: tuple[float, float]
@@ -136,15 +141,45 @@ class PreparedPair:
     warnings: list[str] = field(default_factory=list)
     transform: sitk.Transform | None = None
     registration: object | None = None  # a registration.RegistrationResult when the pair was registered
+    other_background: float = 0.0  # what NaN (outside the field of view) stands for, in other's units
+    rgb_as_grey: bool = False  # an RGB other fused through its luma (colormap 'none')
+    owners: tuple = ()  # the images whose buffers the voxel views read
 
     @property
     def rgb_output(self) -> bool:
         """True when the fused volume is RGB (coloured or RGB functional input)."""
-        return self.lut is not None or self.other.ndim == 4
+        return self.lut is not None or (self.other_voxels.ndim == 4 and not self.rgb_as_grey)
+
+    def mri_unit(self, voxels: np.ndarray) -> np.ndarray:
+        """MRI voxels (any shape, from :attr:`mri_voxels`) -> float32 windowed to [0, 1] (a new array)."""
+        return apply_window(np.array(voxels, np.float32), self.mri_window)
+
+    def other_source(self, voxels: np.ndarray) -> np.ndarray:
+        """Other voxels (from :attr:`other_voxels`) -> what the network's source is made of: float32
+        [0, 1] (windowed scalar, or an RGB's luma with colormap 'none') or uint8 (..., 3) RGB."""
+        values = np.array(voxels, np.float32)
+        if np.issubdtype(self.other_voxels.dtype, np.floating):
+            np.copyto(values, np.float32(self.other_background), where=np.isnan(values))
+        if values.ndim == 4 and not self.rgb_as_grey:
+            return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        if values.ndim == 4:
+            return apply_window(luma(values), (0.0, 255.0))
+        return apply_window(values, self.other_window)
+
+    @property
+    def mri(self) -> np.ndarray:
+        """The whole MRI windowed: float32 (K, J, I) in [0, 1] (a full-size copy)."""
+        return self.mri_unit(self.mri_voxels)
+
+    @property
+    def other(self) -> np.ndarray:
+        """The whole other volume as the network's source: float32 (K, J, I) in [0, 1] or uint8
+        (K, J, I, 3) RGB (a full-size copy)."""
+        return self.other_source(self.other_voxels)
 
     def other_colour(self, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """(N,H,W) windowed scalar or (N,H,W,3) RGB planes of ``other`` -> (RGB (N,H,W,3), luma
-        (N,H,W)), float32 on the 0-255 scale, or None for a grayscale path."""
+        """(N,H,W) windowed scalar or (N,H,W,3) RGB planes of ``other`` (from :meth:`other_source`)
+        -> (RGB (N,H,W,3), luma (N,H,W)), float32 on the 0-255 scale, or None for a grayscale path."""
         if planes.ndim == 4:
             rgb = planes.astype(np.float32)
         elif self.lut is not None:
@@ -155,11 +190,12 @@ class PreparedPair:
 
     def other_display(self) -> np.ndarray:
         """``other`` as the network's source image: (K,J,I,3) uint8 RGB or (K,J,I) uint8."""
-        if self.other.ndim == 4:
-            return self.other
+        other = self.other
+        if other.ndim == 4:
+            return other
         if self.lut is not None:
-            return np.rint(apply_colormap(self.other, self.lut)).astype(np.uint8)
-        return np.rint(self.other * 255).astype(np.uint8)
+            return np.rint(apply_colormap(other, self.lut)).astype(np.uint8)
+        return np.rint(other * 255).astype(np.uint8)
 
 
 def _warn(found: list[str], message: str) -> None:
@@ -217,7 +253,7 @@ def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colo
 
     reference = to_canonical(mri)
     other_c = to_canonical(other)
-    resampled, coverage = resample_onto(reference, other_c, transform)
+    resampled, coverage = resample_onto(reference, other_c, transform, mark_outside=True)
     if coverage == 0.0:
         raise VolumeError(f"the MRI {describe_bounds(mri)} and the {task_info.modality} volume {describe_bounds(other)} "
                           "do not overlap in physical space; if they show the same anatomy, register them (--register rigid)")
@@ -231,23 +267,18 @@ def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colo
         if report.misaligned:
             _warn(found, report.describe("MRI", task_info.modality))
 
-    m = sitk.GetArrayFromImage(sitk.Cast(reference, sitk.sitkFloat32))
-    mri_window = mri_window or robust_window(m, "mri")
-    apply_window(m, mri_window)
-    o = sitk.GetArrayFromImage(resampled)
-    del resampled
-    if rgb_in:
-        if grayscale:  # RGB given but grayscale asked for: fuse its luma
-            o = apply_window(luma(o), (0.0, 255.0))
-        else:
-            o = np.clip(np.rint(o), 0, 255).astype(np.uint8)
-    else:
-        if other_window is None:  # from the volume's own voxels, not the part on the MRI grid
-            hounsfield = True if dicom_modality(other) == "CT" else None
-            other_window = robust_window(sitk.GetArrayViewFromImage(other_c), task_info.window, hounsfield)
-        apply_window(o, other_window)
-    return PreparedPair(reference, task, m, o, lut, cmap, mri_window, other_window if not rgb_in else None,
-                        coverage, mri_grid=mri, warnings=found, transform=transform, registration=registration)
+    # Views, not copies: the float [0, 1] planes are made a batch at a time (PreparedPair.mri_unit).
+    mri_voxels = sitk.GetArrayViewFromImage(reference)
+    other_voxels = sitk.GetArrayViewFromImage(resampled)
+    mri_window = mri_window or robust_window(mri_voxels, "mri")
+    other_background = float(sitk.GetArrayViewFromImage(other_c).min())
+    if not rgb_in and other_window is None:  # from the volume's own voxels, not the part on the MRI grid
+        hounsfield = True if dicom_modality(other) == "CT" else None
+        other_window = robust_window(sitk.GetArrayViewFromImage(other_c), task_info.window, hounsfield)
+    return PreparedPair(reference, task, mri_voxels, other_voxels, lut, cmap, mri_window,
+                        other_window if not rgb_in else None, coverage, mri_grid=mri, warnings=found,
+                        transform=transform, registration=registration, other_background=other_background,
+                        rgb_as_grey=rgb_in and grayscale, owners=(reference, resampled))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,23 +340,27 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
     ref = pair.reference
     index_axis = slicing_axis(ref, axis)
     np_axis = 2 - index_axis  # numpy axes are the index axes reversed
-    mri_planes = np.moveaxis(pair.mri, np_axis, 0)  # (N, H, W) views
-    other_planes = np.moveaxis(pair.other, np_axis, 0)
+    mri_planes = np.moveaxis(pair.mri_voxels, np_axis, 0)  # (N, H, W) views
+    other_planes = np.moveaxis(pair.other_voxels, np_axis, 0)
     n, h, w = mri_planes.shape
     spacing = np.array(ref.GetSpacing())[::-1]  # per numpy axis
     grid = PlaneGrid((h, w), tuple(np.delete(spacing, np_axis)), plane_size)
 
     rgb = pair.rgb_output
-    out = np.zeros(pair.mri.shape + ((3,) if rgb else ()), np.uint8)
-    out_planes = np.moveaxis(out, np_axis, 0)
+    # The result is made in the MRI's own storage order, written through a canonical view of it:
+    # no re-orientation copy at the end.
+    grid_image = pair.mri_grid if pair.mri_grid is not None else ref
+    out = np.zeros(grid_image.GetSize()[::-1] + ((3,) if rgb else ()), np.uint8)
+    out_canonical = canonical_view(out, grid_image) if pair.mri_grid is not None else out
+    out_planes = np.moveaxis(out_canonical, np_axis, 0)
     chunk = int(batch_size or getattr(backend, "preferred_batch", 4))
     run = _Batcher(backend, chunk)
 
     def start_batch(start: int, worker: ThreadPoolExecutor) -> tuple:
         """Prepare planes start..start+chunk and hand them to the network thread."""
         stop = min(n, start + chunk)
-        m = np.ascontiguousarray(mri_planes[start:stop])
-        src = np.ascontiguousarray(other_planes[start:stop])
+        m = pair.mri_unit(mri_planes[start:stop])
+        src = pair.other_source(other_planes[start:stop])
         colour = pair.other_colour(src)
         y = colour[1] / np.float32(255) if colour is not None else src
         # Planes blank in both inputs (outside the head) are not worth a network call.
@@ -369,8 +404,9 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
         if in_flight is not None:
             finish_batch(*in_flight)
     image = sitk.GetImageFromArray(out, isVector=rgb)
-    image.CopyInformation(ref)
-    return from_canonical(image, pair.mri_grid) if pair.mri_grid is not None else image
+    del out, out_canonical, out_planes  # the image holds its own copy
+    image.CopyInformation(grid_image)
+    return image
 
 
 def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", model: str | Path | None = None,
@@ -497,14 +533,15 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
         t0 = time.perf_counter()
         fused = fuse_prepared(pair, fuser, axis, batch_size, callback, cancel, plane_size, colour_mode)
         seconds = time.perf_counter() - t0
+    result = FileFusion(out_p, n, seconds, fuser.describe(), pair.coverage, list(pair.warnings), pair.registration)
+    transform = pair.transform
+    del pair, mri_img, other_img  # the inputs are not needed for the write: their memory is free for its check
     write_volume(fused, out_p)
-    saved = None
     if save_transform is not None:
         from .registration import write_transform
 
-        saved = write_transform(pair.transform, save_transform)
-    return FileFusion(out_p, n, seconds, fuser.describe(), pair.coverage, list(pair.warnings),
-                      pair.registration, saved)
+        result.transform_file = write_transform(transform, save_transform)
+    return result
 
 
 @contextlib.contextmanager

@@ -99,17 +99,32 @@ def slicing_axis(image: sitk.Image, axis: str) -> int:
     return best[_PLANE_NORMAL[axis]]
 
 
-def resample_onto(reference: sitk.Image, moving: sitk.Image,
-                  transform: sitk.Transform | None = None) -> tuple[sitk.Image, float]:
+def resample_onto(reference: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
+                  mark_outside: bool = False) -> tuple[sitk.Image, float]:
     """``moving`` resampled (linear, float32 / vector float32) onto ``reference``'s grid, and the
     fraction of reference voxels inside ``moving``'s field of view. Outside voxels get its minimum.
-    ``transform`` maps reference points to ``moving`` points (ITK's convention); None = identity."""
+    ``transform`` maps reference points to ``moving`` points (ITK's convention); None = identity.
+
+    ``mark_outside``: outside voxels are NaN instead (for a caller that fills them later), the
+    coverage is counted from them, and a ``moving`` already on the grid comes back as it is (its
+    own pixel type, no copy): one full-grid pass instead of three, and no second full-size image.
+    """
     float_type = sitk.sitkVectorFloat32 if moving.GetNumberOfComponentsPerPixel() > 1 else sitk.sitkFloat32
-    moving_f = sitk.Cast(moving, float_type)
     if transform is None and same_grid(reference, moving):
+        if mark_outside:
+            return moving, 1.0
+        moving_f = sitk.Cast(moving, float_type)
         moving_f.CopyInformation(reference)
         return moving_f, 1.0
     transform = transform or sitk.Transform()
+    moving_f = sitk.Cast(moving, float_type) if moving.GetPixelID() != float_type else moving
+    if mark_outside:
+        out = sitk.Resample(moving_f, reference, transform, sitk.sitkLinear, math.nan, float_type)
+        voxels = sitk.GetArrayViewFromImage(out)
+        step = max(1, (1 << 24) // max(1, voxels[0].size))  # about 16 M values at a time: no full-size mask
+        outside = sum(int(np.count_nonzero(np.isnan(voxels[k:k + step]))) for k in range(0, len(voxels), step))
+        components = moving.GetNumberOfComponentsPerPixel()
+        return out, 1.0 - outside / components / float(np.prod(reference.GetSize()))
     background = float(sitk.GetArrayViewFromImage(moving).min())
     out = sitk.Resample(moving_f, reference, transform, sitk.sitkLinear, background, float_type)
     # Field of view: resample a mask of ones the same way (exact, whatever the two directions).
@@ -118,6 +133,35 @@ def resample_onto(reference: sitk.Image, moving: sitk.Image,
     inside = sitk.Resample(ones, reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     coverage = float(np.count_nonzero(sitk.GetArrayViewFromImage(inside))) / np.prod(reference.GetSize())
     return out, coverage
+
+
+def canonical_view(voxels: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """A view of ``voxels`` (stored like ``image``: numpy axes (k, j, i[, component])) with its
+    axes permuted and flipped the way :func:`to_canonical` re-stores ``image``: writing into the
+    view writes the original storage order, so a result made in the canonical orientation needs no
+    re-orientation copy."""
+    original = np.array(image.GetDirection()).reshape(3, 3)
+    canonical = np.array(to_canonical(_geometry_only(image)).GetDirection()).reshape(3, 3)
+    view = voxels
+    order, flips = [], []
+    for axis in range(3):  # canonical index axis -> the original index axis along the same line
+        cosines = original.T @ canonical[:, axis]
+        source = int(np.argmax(np.abs(cosines)))
+        order.append(source)
+        flips.append(cosines[source] < 0)
+    # numpy axes are index axes reversed: canonical numpy axis 2-a comes from original numpy axis 2-order[a]
+    view = np.transpose(view, [2 - order[2 - n] for n in range(3)] + list(range(3, voxels.ndim)))
+    for n in range(3):
+        if flips[2 - n]:
+            view = np.flip(view, axis=n)
+    return view
+
+
+def _geometry_only(image: sitk.Image) -> sitk.Image:
+    """A 1-voxel-per-axis stand-in with ``image``'s direction (DICOMOrient on it is free)."""
+    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    probe.SetDirection(image.GetDirection())
+    return probe
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from .tasks import check_task, get_task
 from .models import ModelError, read_model_file, save_model
 from .network import NetworkConfig
 
-LOG_FIELDS = ["epoch", "lr", "loss", "intensity", "gradient", "ssim", "val_loss", "seconds"]
-SSIM_WINDOW = 11  # the SSIM loss's window (losses.ssim): a smaller crop has no valid region
+LOG_FIELDS = ["epoch", "lr", "loss", "intensity", "gradient", "ssim", "val_loss", "seconds", "data_seconds"]
+SCHEDULES = ("step", "cosine")
 
 
 @dataclass
@@ -48,6 +48,13 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
     val_every: int = 10  # full-size validation is slow on CPU; the last epoch always validates
+    schedule: str = "step"  # "step": x lr_gamma every lr_step epochs (the paper's); "cosine": to 0 over the run
+    rotate: bool = False  # random 90-degree rotations on top of the flips
+    jitter: float = 0.0  # per-modality contrast jitter (data.random_crops)
+    init: Path | None = None  # start from this model's weights (fine-tuning), not from random ones
+    # Pairs of other tasks to train on as well (same data root), each with the cases to leave out of
+    # it: one model for all tasks, or a pre-training that per-task fine-tuning starts from.
+    extra_tasks: dict[str, list[str]] = field(default_factory=dict)
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -93,12 +100,43 @@ def check_options(cfg: TrainConfig) -> None:
     if out.exists() and not cfg.force and cfg.resume is None:
         raise OutputError(f"output {out} exists; pass --force to overwrite it")
     for name, value, least in (("epochs", cfg.epochs, 1), ("batch size", cfg.batch_size, 1),
-                               ("crop", cfg.crop, SSIM_WINDOW), ("crops per image", cfg.crops_per_image, 1),
+                               ("crop", cfg.crop, _ssim_window(cfg)), ("crops per image", cfg.crops_per_image, 1),
                                ("val every", cfg.val_every, 1), ("seed", cfg.seed, 0), ("threads", cfg.threads or 1, 1)):
         if value < least:
             raise LightFusionError(f"{name} must be >= {least}, got {value}")
     if not cfg.lr > 0:
         raise LightFusionError(f"learning rate must be > 0, got {cfg.lr}")
+    if cfg.schedule not in SCHEDULES:
+        raise LightFusionError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if not 0 <= cfg.jitter < 1:
+        raise LightFusionError(f"jitter must be in [0, 1), got {cfg.jitter}")
+    for name in cfg.extra_tasks:
+        check_task(name)
+
+
+def _ssim_window(cfg: TrainConfig) -> int:
+    """The SSIM loss's window: a smaller crop has no valid SSIM region."""
+    return (cfg.loss_weights or LOSS_PRESETS[get_task(check_task(cfg.task)).loss_preset]).ssim_window
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer):
+    import torch
+
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+
+
+def load_training_images(cfg: TrainConfig, task: str) -> tuple[np.ndarray, np.ndarray, list, list]:
+    """-> (train_mri, train_other, train_pairs, val_pairs): the task's pairs less its validation
+    cases, plus the pairs of ``cfg.extra_tasks`` less theirs; float32 (N,H,W) in [0, 1]."""
+    pairs = find_pairs(cfg.data, task)
+    train_pairs, val_pairs = split_by_case(pairs, cfg.val_cases)
+    for extra, held_out in cfg.extra_tasks.items():
+        if extra != task:
+            train_pairs += split_by_case(find_pairs(cfg.data, extra), held_out)[0]
+    train_mri, train_other = to_unit(load_pairs(train_pairs))
+    return train_mri, train_other, train_pairs, val_pairs
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -117,9 +155,7 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     device = select_device(cfg.device)
 
-    pairs = find_pairs(cfg.data, task)
-    train_pairs, val_pairs = split_by_case(pairs, cfg.val_cases)
-    train_mri, train_other = to_unit(load_pairs(train_pairs))
+    train_mri, train_other, train_pairs, val_pairs = load_training_images(cfg, task)
     if cfg.crop > min(train_mri.shape[1:]):
         raise DataError(f"crop size {cfg.crop} exceeds image size {train_mri.shape[1]}x{train_mri.shape[2]}")
     val_mri = val_other = None
@@ -129,8 +165,13 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = LightFusionNet(cfg.network).to(device)
+    if cfg.init is not None:
+        start = read_model_file(cfg.init)
+        if NetworkConfig.from_dict(start["config"]) != cfg.network:
+            raise ModelError(f"{cfg.init} has another network ({start['config']}) than the one to train")
+        model.load_state_dict(start["state_dict"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    scheduler = _make_scheduler(cfg, optimizer)
     loss_fn = FusionLoss(cfg.loss_weights or LOSS_PRESETS[get_task(task).loss_preset])
     start_epoch, history, elapsed = 0, [], 0.0
 
@@ -145,7 +186,7 @@ def train(cfg: TrainConfig) -> dict:
         model.load_state_dict(payload["state_dict"])
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        scheduler = _make_scheduler(cfg, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
@@ -156,7 +197,9 @@ def train(cfg: TrainConfig) -> dict:
         "loss_weights": loss_fn.weights.to_dict(),
         "recipe": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "crop": cfg.crop, "lr": cfg.lr,
                    "lr_step": cfg.lr_step, "lr_gamma": cfg.lr_gamma, "seed": cfg.seed,
-                   "crops_per_image": cfg.crops_per_image},
+                   "crops_per_image": cfg.crops_per_image, "schedule": cfg.schedule, "rotate": cfg.rotate,
+                   "jitter": cfg.jitter, "init": str(cfg.init) if cfg.init else None,
+                   "extra_tasks": {k: sorted(v) for k, v in cfg.extra_tasks.items()}},
         "train_pairs": len(train_pairs),
         "val_cases": sorted(cfg.val_cases),
         "data": str(cfg.data),
@@ -167,7 +210,9 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         model.train()
         crops_m, crops_o = random_crops(train_mri, train_other, cfg.crop, rng,
-                                        count=len(train_mri) * cfg.crops_per_image)
+                                        count=len(train_mri) * cfg.crops_per_image,
+                                        rotate=cfg.rotate, jitter=cfg.jitter)
+        data_seconds = time.perf_counter() - t0  # the crops of an epoch, made up front in memory
         sums = {"loss": 0.0, "intensity": 0.0, "gradient": 0.0, "ssim": 0.0}
         for i in range(0, len(crops_m), cfg.batch_size):
             m = torch.from_numpy(crops_m[i:i + cfg.batch_size]).to(device)
@@ -189,6 +234,7 @@ def train(cfg: TrainConfig) -> dict:
         row["val_loss"] = _validation_loss(model, loss_fn, val_mri, val_other, device) if validate else ""
         elapsed += time.perf_counter() - t0
         row["seconds"] = round(elapsed, 2)
+        row["data_seconds"] = round(data_seconds, 3)
         history.append(row)
         epochs.set_postfix(loss=f"{row['loss']:.4f}", val=f"{row['val_loss']:.4f}" if validate else "-")
         training_state = {

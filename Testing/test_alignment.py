@@ -270,3 +270,24 @@ def test_rejects_non_scalar_or_non_3d():
         measure_alignment(mri[:, :, 50], mri[:, :, 60])
     with pytest.raises(ValueError, match="constant"):
         measure_alignment(mri, sitk.Image(mri.GetSize(), sitk.sitkFloat32))
+
+
+# ------------------------------------------------------------------------------------------------
+# large volumes: the coarse grid is capped, and the check still tells aligned from misaligned
+
+
+@pytest.mark.parametrize("pair", ["spm-pet", "sample"])
+def test_capped_coarse_grid_still_separates_aligned_from_misaligned(pair, monkeypatch):
+    """A 512x512x400 MRI made 1.6 M voxels at 4 mm (13 evaluations: 2.5 s); the grid is now made
+    coarser until it holds at most MAX_COARSE_VOXELS. Here the cap is lowered so that these
+    brain volumes are capped the way a large one is, and the verdicts must stay right."""
+    import LightFusionLib.alignment as alignment
+
+    mri, other = aligned_pair(pair)
+    full = np.prod(alignment._coarse(mri, "fixed").GetSize())
+    monkeypatch.setattr(alignment, "MAX_COARSE_VOXELS", 20_000)
+    capped = alignment._coarse(mri, "fixed")
+    assert np.prod(capped.GetSize()) <= 20_000 < full
+    assert not check_alignment(mri, other).misaligned
+    assert check_alignment(mri, moved(other, translation=(25, 0, 0))).misaligned
+    assert check_alignment(mri, moved(other, rotation_deg=(0, 0, -20))).misaligned

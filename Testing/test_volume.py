@@ -17,7 +17,7 @@ from LightFusionLib.models import ModelError
 from LightFusionLib.tasks import TASKS
 from LightFusionLib.errors import FusionCancelled, LightFusionError, VolumeError
 from LightFusionLib.fusion import fuse_files, fuse_volumes, prepare_pair
-from LightFusionLib.geometry import PlaneGrid, resample_onto, same_grid, slicing_axis, to_canonical
+from LightFusionLib.geometry import PlaneGrid, canonical_view, resample_onto, same_grid, slicing_axis, to_canonical
 from LightFusionLib.volumeio import check_volume
 from LightFusionLib.windows import CT_BRAIN_WINDOW, FUNCTIONAL_TOP_POSITION, robust_window
 
@@ -441,3 +441,59 @@ def test_plane_already_on_the_net_grid_is_not_resampled():
     assert np.array_equal(grid.from_net(planes), planes)
     # Anisotropic pixels still go through the resampler.
     assert not np.array_equal(PlaneGrid((256, 256), (0.9, 1.8), 256).to_net(planes)[:, 128], planes[:, 128])
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: no full-size copies of the inputs, the result made in the MRI's own storage order
+
+
+def _direction(perm, signs, tilt_deg=0.0):
+    d = np.zeros((3, 3))
+    for column, (row, sign) in enumerate(zip(perm, signs)):
+        d[row, column] = sign
+    t = np.radians(tilt_deg)  # an oblique volume: re-stored by the nearest axes
+    tilt = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    return (tilt @ d).ravel().tolist()
+
+
+@pytest.mark.parametrize("tilt", [0.0, 20.0])
+def test_canonical_view_is_what_to_canonical_stores_for_every_orientation(tilt):
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product([1, -1], repeat=3):
+            voxels = rng.integers(0, 255, (5, 6, 7, 3)).astype(np.uint8)
+            img = sitk.GetImageFromArray(voxels, isVector=True)
+            img.SetDirection(_direction(perm, signs, tilt))
+            expected = sitk.GetArrayFromImage(to_canonical(img))
+            view = canonical_view(voxels, img)
+            assert np.shares_memory(view, voxels)
+            np.testing.assert_array_equal(view, expected)
+
+
+def test_prepared_pair_holds_views_of_the_inputs_not_float_copies():
+    """512x512x400 took 2.8 GB: float32 copies of both volumes beside their images. Now the pair
+    holds read-only views in the volumes' own types, windowed a batch of planes at a time."""
+    mri, pet = pair()
+    mri = sitk.Cast(mri, sitk.sitkInt16)
+    prepared = prepare_pair(mri, pet, "pet-mri", check_alignment=False)
+    assert prepared.mri_voxels.dtype == np.int16 and not prepared.mri_voxels.flags.writeable
+    assert not prepared.mri_voxels.flags.owndata and not prepared.other_voxels.flags.owndata
+    # ... and the windowed volumes are exactly what the full-size conversion gave
+    full = sitk.GetArrayFromImage(sitk.Cast(prepared.reference, sitk.sitkFloat32))
+    lo, hi = prepared.mri_window
+    np.testing.assert_array_equal(prepared.mri, np.clip((full - np.float32(lo)) * np.float32(1 / (hi - lo)), 0, 1))
+
+
+def test_resampled_voxels_outside_the_field_of_view_are_the_background():
+    mri, pet = pair(direction=None, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+    half = image(np.full((8, 14, 6), 5.0, np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))  # i < 6 of 12
+    half[0, 0, 0] = 1.0  # the volume's minimum: what outside voxels stand for
+    prepared = prepare_pair(mri, half, "pet-mri", check_alignment=False, other_window=(0.0, 10.0))
+    assert prepared.coverage == pytest.approx(0.5)
+    assert np.isnan(prepared.other_voxels).any()
+    other = prepared.other
+    assert np.isfinite(other).all()
+    outside = np.isnan(prepared.other_voxels)
+    np.testing.assert_allclose(other[outside], 0.1)  # (1 - 0) / (10 - 0)
