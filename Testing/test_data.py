@@ -91,3 +91,22 @@ def test_crops_are_aligned_between_modalities():
 def test_shared_harvard_layout():
     counts = {t: len(find_pairs(HARVARD / t.upper(), t)) for t in ("pet-mri", "spect-mri", "ct-mri")}
     assert counts == {"pet-mri": 269, "spect-mri": 290, "ct-mri": 163}
+
+
+def test_rotations_and_jitter_augment_both_modalities_alike():
+    rng = np.random.default_rng(0)
+    base = rng.random((1, 8, 8), dtype=np.float32)
+    dihedral_without_transpose = [base[0], base[0, ::-1], base[0, :, ::-1], base[0, ::-1, ::-1]]
+    plain, _ = random_crops(base, base, 8, np.random.default_rng(1), count=32)
+    assert all(any(np.array_equal(c[0], d) for d in dihedral_without_transpose) for c in plain)
+    turned_m, turned_o = random_crops(base, base * 0.5, 8, np.random.default_rng(1), count=32, rotate=True)
+    transposed = [np.rot90(d) for d in dihedral_without_transpose]
+    assert any(any(np.array_equal(c[0], d) for d in transposed) for c in turned_m)  # flips alone never make these
+    np.testing.assert_allclose(turned_o, turned_m * 0.5)  # the same geometry for both modalities
+    # the same seed without rotate/jitter gives the same crops as before these options existed
+    again, _ = random_crops(base, base, 8, np.random.default_rng(1), count=32, rotate=False, jitter=0.0)
+    np.testing.assert_array_equal(again, plain)
+    jm, jo = random_crops(base, base, 8, np.random.default_rng(1), count=32, jitter=0.3)
+    assert jm.min() >= 0 and jm.max() <= 1
+    assert not np.allclose(jm, jo)  # each modality gets its own contrast factor
+    np.testing.assert_allclose(jm.mean(axis=(2, 3)), plain.mean(axis=(2, 3)), atol=0.05)  # about the mean

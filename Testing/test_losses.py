@@ -62,3 +62,37 @@ def test_total_is_the_weighted_sum():
 def test_paper_presets():
     assert (PAPER_EQ5.intensity, PAPER_EQ5.gradient, PAPER_EQ5.ssim) == (20, 100, 50)
     assert (PAPER_ABLATION.intensity, PAPER_ABLATION.gradient, PAPER_ABLATION.ssim) == (100, 50, 20)
+
+
+# ------------------------------------------------------------------------------------------------
+# the study's loss variants
+
+
+def test_signed_gradient_term_keeps_the_edge_direction_the_magnitude_term_ignores():
+    edge, flat = step(), const(0.5)
+    inverted = 1.0 - edge  # same |gradient| everywhere, opposite sign
+    assert float(gradient_loss(inverted, edge, flat, "sobel")) == pytest.approx(0.0, abs=1e-6)
+    assert float(gradient_loss(edge, edge, flat, "signed")) == pytest.approx(0.0, abs=1e-6)
+    # the Sobel kernel gives 4 per unit step on two columns of 16: |(-4) - 4| * 2/16 / 2 components
+    assert float(gradient_loss(inverted, edge, flat, "signed")) == pytest.approx(8 * 2 / 16 / 2, rel=1e-5)
+
+
+def test_saliency_target_follows_the_source_with_structure():
+    textured = (torch.arange(16 * 16, dtype=torch.float32).reshape(1, 1, 16, 16) % 2) * 0.5 + 0.25
+    flat = const(0.9)
+    target = __import__("LightFusionLib.losses", fromlist=["intensity_target"]).intensity_target(textured, flat, "saliency")
+    assert torch.allclose(target, textured, atol=0.01)  # the flat source has no contrast at all
+    assert float(intensity_loss(textured, textured, flat, "saliency")) < 0.01
+    assert float(intensity_loss(textured, textured, flat, "max")) > 0.4  # max would take the flat 0.9
+
+
+def test_ssim_window_size_is_a_choice_and_bad_settings_are_refused():
+    x = step()
+    assert float(ssim(x, x, window_size=7)) == pytest.approx(1.0, abs=1e-5)
+    assert float(ssim(x, 1 - x, window_size=7)) < float(ssim(x, 1 - x, window_size=11)) + 0.5
+    for bad in (dict(gradient_term="laplace"), dict(intensity_target="mean"), dict(ssim_window=8)):
+        with pytest.raises(ValueError):
+            LossWeights(1.0, 1.0, 1.0, **bad)
+    weights = LossWeights(1.0, 1.0, 1.0, gradient_term="signed", intensity_target="saliency", ssim_window=7)
+    total, parts = FusionLoss(weights)(x, x, const(0.5))
+    assert float(parts["gradient"]) == pytest.approx(0.0, abs=1e-6)

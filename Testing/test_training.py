@@ -104,3 +104,39 @@ def test_model_files_are_loaded_as_data_only(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00not a model")
     with pytest.raises(ModelError, match="does not load"):
         load_model(tmp_path / "junk.pt", "pet-mri")
+
+
+def test_init_starts_from_a_models_weights(tmp_path, data):
+    train(config(tmp_path, "start.pt", epochs=2))
+    train(config(tmp_path, "tuned.pt", epochs=1, lr=1e-12, init=tmp_path / "start.pt"))
+    a, b = weights(tmp_path / "start.pt"), weights(tmp_path / "tuned.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert read_model_file(tmp_path / "tuned.pt")["meta"]["recipe"]["init"] == str(tmp_path / "start.pt")
+    with pytest.raises(ModelError, match="another network"):
+        train(config(tmp_path, "wide.pt", epochs=1, init=tmp_path / "start.pt",
+                     network=NetworkConfig(width=16, reduction=4)))
+
+
+def test_extra_tasks_add_their_pairs_less_their_held_out_cases(tmp_path):
+    root = tmp_path / "data"
+    make_pairs(root / "PET-MRI")
+    make_pairs(root / "CT-MRI", modality="CT", names=("1001", "4001", "4002", "5001"))
+    result = train(config(tmp_path, "all.pt", data=root, epochs=1, extra_tasks={"ct-mri": ["5"]}))
+    meta = read_model_file(result["out"])["meta"]
+    assert meta["train_pairs"] == 4 + 3  # PET less case 3, CT less case 5
+    assert meta["recipe"]["extra_tasks"] == {"ct-mri": ["5"]}
+
+
+def test_study_options_from_the_command_line(tmp_path, data, capsys):
+    out = tmp_path / "cli.pt"
+    code = main(["train", "--data", str(data), "--task", "pet-mri", "--out", str(out), "--epochs", "1",
+                 "--crop", "16", "--width", "8", "--gradient-term", "signed", "--intensity-target", "saliency",
+                 "--ssim-window", "7", "--schedule", "cosine", "--rotate", "--jitter", "0.1", "--device", "cpu"])
+    assert code == 0
+    payload = read_model_file(out)
+    assert payload["meta"]["loss_weights"]["gradient_term"] == "signed"
+    assert payload["meta"]["loss_weights"]["ssim_window"] == 7
+    assert payload["meta"]["recipe"]["schedule"] == "cosine" and payload["meta"]["recipe"]["rotate"]
+    assert main(["train", "--data", str(data), "--task", "pet-mri", "--out", str(tmp_path / "x.pt"),
+                 "--ssim-window", "8", "--device", "cpu"]) == 2
+    assert "SSIM window must be odd" in capsys.readouterr().err
