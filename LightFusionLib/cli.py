@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from . import __version__
 from .colormaps import COLORMAPS, NONE
+from .colour import COLOUR_MODES
 from .errors import FusionCancelled, LightFusionError
 from .fileio import TEMP_PREFIX, check_output_file, os_error_reason
 from .tasks import TASK_NAMES
@@ -99,6 +100,13 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="fp16 inference on a CUDA GPU with torch (within 1 grey level of fp32)")
 
 
+def _add_colour_arg(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument("--colour", choices=COLOUR_MODES, default=None,
+                   help=f"PET/SPECT colour restoration {where}: the paper's plain YUV (yuv, default: the source's "
+                        "chroma under the fused luma) or chroma scaled with the luma (saturated); the fused luma "
+                        "is the same (model card)")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .losses import LOSS_PRESETS, LossWeights
     from .tasks import get_task
@@ -168,7 +176,8 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, progress=not args.quiet,
                         mri_window=args.mri_window, other_window=args.other_window,
                         plane_size=args.plane_size or None, half=args.half, register=args.register,
-                        transform=args.transform, save_transform=args.save_transform)
+                        transform=args.transform, save_transform=args.save_transform,
+                        colour_mode=args.colour)
     written = dicom.write() if dicom else f"{result.output}"
     if result.registration is not None:
         print(result.registration.describe())
@@ -242,7 +251,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, backend=args.backend, device=args.device, progress=not args.quiet, half=args.half)
+    run_demo(args.out, backend=args.backend, device=args.device, progress=not args.quiet, half=args.half,
+             colour_mode=args.colour)
     return 0
 
 
@@ -377,9 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PET/SPECT: score the fused luma against the grey-level sources, the field's convention "
                         "(luma, default), or the luma of the RGB image after the chroma is put back and clipped, "
                         "what a user sees (rgb)")
-    p.add_argument("--colour", choices=("yuv", "saturated"), default=None,
-                   help="PET/SPECT colour restoration for --score-on rgb and --save-images: the paper's plain YUV "
-                        "(yuv, default) or chroma scaled with the luma (saturated); the fused luma is the same")
+    _add_colour_arg(p, "for --score-on rgb and --save-images")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--save-images", help="folder for the fused images (<method>/<name>.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -412,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PET/SPECT/CT window in its units (default: percentiles; CT in HU: 0,80)")
     p.add_argument("--plane-size", type=int, default=256,
                    help="planes run at N x N (aspect kept, padded); 0 = native size (default 256)")
+    _add_colour_arg(p, "of the fused volume")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_register_args(p)
     _add_backend_args(p)
@@ -478,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fuse the bundled sample pair (MNI152 T1 + simulated FDG-PET) and write "
                                    "fused.nrrd, montage.png and metrics.json into --out.")
     p.add_argument("--out", default="lightfusion-demo", help="output folder (created)")
+    _add_colour_arg(p, "of the fused volume and montage")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_demo)

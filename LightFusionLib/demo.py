@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .colour import luma
+from .colour import check_colour_mode, luma
 from .fileio import atomic_output, check_output_file, check_output_folder
 from .metrics import METRIC_NAMES, evaluate_fusion
 from .errors import VolumeError
@@ -121,9 +121,10 @@ def plane_metrics(pair: PreparedPair, fused: sitk.Image, axis: str = "axial",
 
 
 def run_demo(out: str | Path = "lightfusion-demo", backend="auto", device: str = "auto", progress: bool = True,
-             model: str | Path | None = None, half: bool = False) -> dict:
+             model: str | Path | None = None, half: bool = False, colour_mode: str | None = None) -> dict:
     """Fuse the bundled pair (axial planes, PET-MRI model) and write fused.nrrd, montage.png and
-    metrics.json into ``out`` (created). Prints where they went and the timing; returns the summary."""
+    metrics.json into ``out`` (created). Prints where they went and the timing; returns the summary.
+    ``colour_mode``: 'yuv' (default) or 'saturated' (:func:`LightFusionLib.colour.restore_colour`)."""
     mri_path, pet_path = sample_paths()
     out = check_output_folder(out, "demo output folder")
     for name in OUTPUTS:
@@ -134,7 +135,7 @@ def run_demo(out: str | Path = "lightfusion-demo", backend="auto", device: str =
     n = pair.reference.GetSize()[slicing_axis(pair.reference, "axial")]
     with progress_bar(n, f"fusing ({fuser.describe()})", bool(progress)) as callback:
         t0 = time.perf_counter()
-        fused = fuse_prepared(pair, fuser, "axial", progress=callback)
+        fused = fuse_prepared(pair, fuser, "axial", progress=callback, colour_mode=colour_mode)
         fuse_seconds = time.perf_counter() - t0
     fused_path = write_volume(fused, out / "fused.nrrd")
     montage_path = write_png(make_montage(pair, fused), out / "montage.png")
@@ -155,6 +156,7 @@ def run_demo(out: str | Path = "lightfusion-demo", backend="auto", device: str =
         "metrics_seconds": round(metrics_seconds, 3),
         "windows": {"mri": list(pair.mri_window), "pet": list(pair.other_window or ())},
         "colormap": pair.colormap,
+        "colour": check_colour_mode(colour_mode),
         "metrics_planes": count,
         "metrics": means,
     }

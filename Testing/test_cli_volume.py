@@ -119,6 +119,7 @@ def test_demo_writes_volume_montage_and_metrics(tmp_path, capsys):
     montage = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "montage.png")))
     assert montage.shape == (768, 768, 3) and montage.max() > 0
     report = json.loads((out / "metrics.json").read_text())
+    assert report["colour"] == "yuv"  # the default colour restoration, recorded
     assert set(report["metrics"]) == set(METRIC_NAMES)
     assert report["planes"] == 110 and report["metrics_planes"] > 50
     fused, mri = sitk.ReadImage(str(out / "fused.nrrd")), sitk.ReadImage(str(SAMPLE / SAMPLE_MRI))
@@ -287,3 +288,24 @@ def test_demo_refuses_a_file_as_output_folder(tmp_path, capsys):
     code, _, stderr = run(["demo", "--out", str(target), "--quiet"], capsys)
     assert code == 2 and "not a folder" in stderr
     assert target.read_text() == "x"
+
+
+def test_fuse_colour_option_changes_the_colours_not_the_fused_luma(tmp_path, capsys):
+    from LightFusionLib.colour import luma
+
+    fused = {}
+    for mode in ("yuv", "saturated"):
+        out = tmp_path / f"{mode}.nrrd"
+        code, _, _ = run(["fuse", str(SAMPLE / SAMPLE_MRI), str(SAMPLE / SAMPLE_PET), "-o", str(out), "--device",
+                          "cpu", "--plane-size", "48", "--colour", mode, "--quiet"], capsys)
+        assert code == 0
+        fused[mode] = sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(np.float32)
+    assert not np.array_equal(fused["yuv"], fused["saturated"])
+    # 'saturated' shows the fused luma (up to rounding); 'yuv' clips saturated colours, so where the
+    # two differ most it is 'yuv' whose luma moved, never by more than clipping can explain
+    gap = np.abs(luma(fused["yuv"]) - luma(fused["saturated"]))
+    unclipped = (fused["yuv"] > 0).all(-1) & (fused["yuv"] < 255).all(-1)
+    assert np.percentile(gap[unclipped], 99) <= 1.5
+    code, _, err = run(["fuse", str(SAMPLE / SAMPLE_MRI), str(SAMPLE / SAMPLE_PET), "-o", str(tmp_path / "x.nrrd"),
+                        "--colour", "vivid"], capsys)
+    assert code == 2 and "--colour" in err and not (tmp_path / "x.nrrd").exists()
