@@ -50,6 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .colormaps import COLORMAPS, NONE
+from .colour import DEFAULT_COLOUR_MODE, check_colour_mode
 from .errors import FusionCancelled, LightFusionError
 from .fileio import (_pid_alive, atomic_output, captured_native_stderr, check_output_folder, os_error_reason,
                      remove_stale_temp_files, same_path)
@@ -90,6 +91,8 @@ class FuseOptions:
     mri_window: tuple[float, float] | None = None
     other_window: tuple[float, float] | None = None
     threads: int | None = None
+    colour_mode: str | None = None  # PET/SPECT colour restoration (colour.restore_colour; None: yuv)
+    compress: bool = False  # zlib for .nrrd/.mha outputs (volumeio.write_volume)
 
 
 @dataclass(frozen=True)
@@ -354,6 +357,8 @@ def case_key(case: Case, options: FuseOptions) -> dict:
            "model": _stamp(case.model) if case.model else "shipped", "plane_size": options.plane_size,
            "mri_window": options.mri_window, "other_window": options.other_window,
            "mri": _stamp(case.mri), "other": _stamp(case.other)}
+    if check_colour_mode(options.colour_mode) != DEFAULT_COLOUR_MODE:  # keys of earlier batches stay valid
+        key["colour"] = check_colour_mode(options.colour_mode)
     return json.loads(json.dumps(key))  # as it reads back from JSON (tuples as lists)
 
 
@@ -522,10 +527,11 @@ def _fuse_case(case: Case, options: FuseOptions, key: dict, threads: int | None,
     batch_size = options.batch_size
     if batch_size is None and threads == 1 and engine.name == "onnx" and engine.device == "cpu":
         batch_size = 1  # one thread: a plane per run keeps its activations in cache (1.2-1.4x the planes/s of 2)
-    fused = fuse_prepared(pair, engine, case.axis, batch_size, plane_size=options.plane_size)
+    fused = fuse_prepared(pair, engine, case.axis, batch_size, plane_size=options.plane_size,
+                          colour_mode=options.colour_mode)
     output = Path(case.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_volume(fused, output)
+    write_volume(fused, output, compress=options.compress)
     montage = None
     if case.montage:
         Path(case.montage).parent.mkdir(parents=True, exist_ok=True)
@@ -844,7 +850,7 @@ def fuse_batch(source: str | Path | list[dict], out: str | Path, *, task: str | 
                model: str | Path | None = None, register: str = "none", backend: str = "auto", device: str = "auto",
                half: bool = False, batch_size: int | None = None, plane_size: int | None = NET_SIZE,
                mri_window: tuple[float, float] | None = None, other_window: tuple[float, float] | None = None,
-               threads: int | None = None) -> BatchResult:
+               threads: int | None = None, colour_mode: str | None = None, compress: bool = False) -> BatchResult:
     """Fuse a cohort: ``source`` is a CSV manifest, a BIDS dataset folder or a list of dicts with
     the manifest's fields; outputs, summaries and the review report go to ``out``. See
     :func:`plan_batch` (which cases, where their outputs go) and :func:`run_plan` (resume, where the
@@ -861,7 +867,8 @@ def fuse_batch(source: str | Path | list[dict], out: str | Path, *, task: str | 
                       register=register)
     options = FuseOptions(backend=backend, device=device, half=half, batch_size=batch_size, plane_size=plane_size,
                           mri_window=tuple(mri_window) if mri_window else None,
-                          other_window=tuple(other_window) if other_window else None, threads=threads)
+                          other_window=tuple(other_window) if other_window else None, threads=threads,
+                          colour_mode=check_colour_mode(colour_mode), compress=compress)
     return run_plan(plan, workers=workers, scheduler=scheduler, force=force, options=options, report=report,
                     progress=progress)
 

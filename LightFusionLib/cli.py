@@ -100,6 +100,12 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="fp16 inference on a CUDA GPU with torch (within 1 grey level of fp32)")
 
 
+def _add_compress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compress", action="store_true",
+                   help="zlib-compress .nrrd/.mha outputs (smaller files, a slower write: 512x512x400 RGB "
+                        "2.4 s instead of 0.3 s); .nii.gz is always compressed")
+
+
 def _add_colour_arg(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument("--colour", choices=COLOUR_MODES, default=None,
                    help=f"PET/SPECT colour restoration {where}: the paper's plain YUV (yuv, default: the source's "
@@ -177,7 +183,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
                         mri_window=args.mri_window, other_window=args.other_window,
                         plane_size=args.plane_size or None, half=args.half, register=args.register,
                         transform=args.transform, save_transform=args.save_transform,
-                        colour_mode=args.colour)
+                        colour_mode=args.colour, compress=args.compress)
     written = dicom.write() if dicom else f"{result.output}"
     if result.registration is not None:
         print(result.registration.describe())
@@ -286,7 +292,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         return 0
     options = FuseOptions(backend=args.backend, device=args.device, half=args.half, batch_size=args.batch_size,
                           plane_size=args.plane_size or None, mri_window=args.mri_window,
-                          other_window=args.other_window, threads=args.threads)
+                          other_window=args.other_window, threads=args.threads, colour_mode=args.colour,
+                          compress=args.compress)
     result = run_plan(plan, workers=args.workers, scheduler=args.scheduler, force=args.force, options=options,
                       progress=not args.quiet)
     print(result.describe())
@@ -421,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plane-size", type=int, default=256,
                    help="planes run at N x N (aspect kept, padded); 0 = native size (default 256)")
     _add_colour_arg(p, "of the fused volume")
+    _add_compress_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_register_args(p)
     _add_backend_args(p)
@@ -479,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PET/SPECT/CT window for every case, in its units (default: each volume's own)")
     p.add_argument("--plane-size", type=int, default=256,
                    help="planes run at N x N (aspect kept, padded); 0 = native size (default 256)")
+    _add_colour_arg(p, "of the fused volumes")
+    _add_compress_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_batch)

@@ -491,7 +491,8 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
                mri_window: tuple[float, float] | None = None, other_window: tuple[float, float] | None = None,
                plane_size: int | None = NET_SIZE, half: bool = False, register: str = "none",
                transform: str | Path | sitk.Transform | None = None,
-               save_transform: str | Path | None = None, colour_mode: str | None = None) -> FileFusion:
+               save_transform: str | Path | None = None, colour_mode: str | None = None,
+               compress: bool = False) -> FileFusion:
     """Read two volumes (any SimpleITK format or a DICOM series folder), fuse, write ``output``
     atomically and verified, in the format of its extension. ``progress=True`` shows tqdm bars.
 
@@ -499,7 +500,8 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
     ``transform`` (a .tfm file or a SimpleITK transform, MRI -> other points as ITK writes them)
     applies a saved or external one instead; ``save_transform`` writes the transform used (.tfm).
     Refuses the same file given twice and an output onto an input; on any error nothing is written
-    and the inputs are untouched. Raises VolumeError / ModelError / FusionCancelled.
+    and the inputs are untouched. ``compress``: zlib for .nrrd/.mha (see
+    :func:`LightFusionLib.volumeio.write_volume`). Raises VolumeError / ModelError / FusionCancelled.
     """
     mri_p, other_p, out_p = Path(mri), Path(other), Path(output)
     task_info = get_task(task)
@@ -536,7 +538,7 @@ def fuse_files(mri: str | Path, other: str | Path, output: str | Path, task: str
     result = FileFusion(out_p, n, seconds, fuser.describe(), pair.coverage, list(pair.warnings), pair.registration)
     transform = pair.transform
     del pair, mri_img, other_img  # the inputs are not needed for the write: their memory is free for its check
-    write_volume(fused, out_p)
+    write_volume(fused, out_p, compress=compress)
     if save_transform is not None:
         from .registration import write_transform
 

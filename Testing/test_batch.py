@@ -396,3 +396,20 @@ def test_memory_trend_of_the_batch_benchmark_reads_each_workers_rows():
     assert set(trend) == {"h:1", "h:2"} and trend["h:1"]["cases"] == 30
     assert trend["h:1"]["rss_after_10_cases_mb"] == rows[18]["rss_mb"]  # the worker's 10th case
     assert 0 < trend["h:1"]["fitted_mb_per_100_cases"] < 5  # fitted after the first 10 cases: the start-up ramp is left out
+
+
+def test_colour_and_compression_options_reach_the_outputs_and_colour_counts_for_resume(tmp_path):
+    data = tmp_path / "data"
+    _write_pair(data, "p0")
+    manifest = _manifest(tmp_path, [{"id": "p0", "mri": "data/p0_mri.nrrd", "other": "data/p0_other.nrrd"}])
+    out = tmp_path / "out"
+    plain = fuse_batch(manifest, out, **FAST)
+    assert plain.rows[0]["status"] == "fused"
+    assert b"encoding: raw" in (out / "p0" / "fused.nrrd").read_bytes()[:1000]
+    yuv = _array(out / "p0" / "fused.nrrd")
+    again = fuse_batch(manifest, out, **FAST, compress=True)  # same voxels: nothing to redo
+    assert again.rows[0]["status"] != "fused"
+    vivid = fuse_batch(manifest, out, **FAST, colour_mode="saturated", compress=True)  # other colours: redone
+    assert vivid.rows[0]["status"] == "fused"
+    assert b"encoding: gzip" in (out / "p0" / "fused.nrrd").read_bytes()[:1000]
+    assert not np.array_equal(_array(out / "p0" / "fused.nrrd"), yuv)
