@@ -83,6 +83,34 @@ def _dense_table(lut_bytes: bytes, channels: int) -> np.ndarray:
     return np.stack([np.interp(grid, entries, lut[:, c]) for c in range(channels)], -1).astype(np.float32)
 
 
+def colormap_index(values: np.ndarray) -> np.ndarray:
+    """Values (...) in [0, 1] -> (...) uint16 positions on the dense grid of :func:`apply_colormap`
+    (nearest position; values outside [0, 1] clamped to the ends)."""
+    pos = np.clip(np.asarray(values, np.float32), 0.0, 1.0) * np.float32(_DENSE_STEPS - 1)
+    pos += np.float32(0.5)  # round to the nearest grid position
+    return pos.astype(np.uint16)
+
+
+def dense_table(lut: np.ndarray) -> np.ndarray:
+    """(16384, channels) float32: ``lut`` linearly interpolated on the dense grid (cached per table)."""
+    return _dense_table(np.ascontiguousarray(lut, np.float32).tobytes(), lut.shape[1])
+
+
+def dense_luma_and_offsets(lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The dense table's BT.601 luma (16384,) and luma-free part (16384, 3), float32 (cached per
+    table): a coloured voxel's luma and :func:`LightFusionLib.colour.luma_offsets` by lookup."""
+    return _dense_luma_and_offsets(np.ascontiguousarray(lut, np.float32).tobytes(), lut.shape[1])
+
+
+@functools.lru_cache(maxsize=8)
+def _dense_luma_and_offsets(lut_bytes: bytes, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    from .colour import _rgb_luma, luma_offsets  # a (16384, 3) table is RGB rows; colour.luma wants (..., H, W, 3)
+
+    table = _dense_table(lut_bytes, channels)
+    table_luma = _rgb_luma(table)
+    return table_luma, luma_offsets(table, table_luma)
+
+
 def apply_colormap(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """Colour ``values`` (...) in [0, 1] with ``lut`` (K, 3) -> (..., 3) float32 RGB (0-255).
 
@@ -91,7 +119,4 @@ def apply_colormap(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
     the steepest map, and 10x faster than interpolating every voxel. Values outside [0, 1] are
     clamped to the ends of the map.
     """
-    dense = _dense_table(np.ascontiguousarray(lut, np.float32).tobytes(), lut.shape[1])
-    pos = np.clip(np.asarray(values, np.float32), 0.0, 1.0) * np.float32(_DENSE_STEPS - 1)
-    pos += np.float32(0.5)  # round to the nearest grid position
-    return np.take(dense, pos.astype(np.uint16), axis=0)
+    return np.take(dense_table(lut), colormap_index(values), axis=0)

@@ -30,13 +30,27 @@ def replace_luma(source_rgb: np.ndarray, fused_y: np.ndarray, source_y: np.ndarr
     ``fused_y`` (...), all on the 0-255 scale. ``source_y``: the source's luma, if already known.
 
     In the inverse transform Y enters R, G and B with weight exactly 1, so replacing the luma is
-    adding ``fused_y - source_y`` to every channel: no round trip through YUV (4x faster). The
-    result is rounded and clipped to [0, 255], as out-of-gamut YUV can map outside it.
+    adding ``fused_y`` to the source's luma-free part ``rgb - source_y`` (:func:`luma_offsets`): no
+    round trip through YUV (4x faster). The result is rounded and clipped to [0, 255], as
+    out-of-gamut YUV can map outside it.
     """
     rgb = np.asarray(source_rgb, np.float32)
     if source_y is None:
         source_y = _rgb_luma(rgb)
-    out = rgb + (np.asarray(fused_y, np.float32) - source_y)[..., None]
+    return add_luma(luma_offsets(rgb, source_y), fused_y)
+
+
+def luma_offsets(rgb: np.ndarray, rgb_luma: np.ndarray | None = None) -> np.ndarray:
+    """(..., 3) RGB -> (..., 3) float32 ``rgb - luma``: the colour without its luma (its chroma in RGB)."""
+    rgb = np.asarray(rgb, np.float32)
+    return rgb - (_rgb_luma(rgb) if rgb_luma is None else np.asarray(rgb_luma, np.float32))[..., None]
+
+
+def add_luma(offsets: np.ndarray, fused_y: np.ndarray) -> np.ndarray:
+    """(..., 3) :func:`luma_offsets` + (...) luma -> (..., 3) uint8 RGB, rounded and clipped.
+    A float32 ``offsets`` is used as the work array (overwritten): callers pass a fresh one."""
+    out = np.asarray(offsets, np.float32)
+    out += np.asarray(fused_y, np.float32)[..., None]
     np.rint(out, out=out)
     return np.clip(out, 0, 255, out=out).astype(np.uint8)
 

@@ -47,8 +47,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .backends import BackendOutOfMemory, FusionBackend, load_backend
-from .colormaps import NONE, apply_colormap, lookup_table
-from .colour import check_colour_mode, luma, restore_colour
+from .colormaps import NONE, apply_colormap, colormap_index, dense_luma_and_offsets, dense_table, lookup_table
+from .colour import add_luma, check_colour_mode, luma, restore_colour
 from .dicom import dicom_modality
 from .errors import FusionCancelled, VolumeError
 from .fileio import same_path
@@ -177,16 +177,14 @@ class PreparedPair:
         (K, J, I, 3) RGB (a full-size copy)."""
         return self.other_source(self.other_voxels)
 
-    def other_colour(self, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def other_colour(self, planes: np.ndarray) -> "ColourSource | None":
         """(N,H,W) windowed scalar or (N,H,W,3) RGB planes of ``other`` (from :meth:`other_source`)
-        -> (RGB (N,H,W,3), luma (N,H,W)), float32 on the 0-255 scale, or None for a grayscale path."""
+        -> their :class:`ColourSource`, or None for a grayscale path."""
         if planes.ndim == 4:
-            rgb = planes.astype(np.float32)
-        elif self.lut is not None:
-            rgb = apply_colormap(planes, self.lut)
-        else:
-            return None
-        return rgb, luma(rgb)
+            return ColourSource(planes.astype(np.float32))
+        if self.lut is not None:
+            return ColourSource(index=colormap_index(planes), lut=self.lut)
+        return None
 
     def other_display(self) -> np.ndarray:
         """``other`` as the network's source image: (K,J,I,3) uint8 RGB or (K,J,I) uint8."""
@@ -196,6 +194,30 @@ class PreparedPair:
         if self.lut is not None:
             return np.rint(apply_colormap(other, self.lut)).astype(np.uint8)
         return np.rint(other * 255).astype(np.uint8)
+
+
+class ColourSource:
+    """The colours of a batch of PET/SPECT planes: their luma (what the network fuses) and the way
+    back from a fused luma to colour. Either RGB planes, or positions on a colour map's dense table
+    (a scalar volume coloured by the map): then the luma and, for 'yuv', the colour's luma-free
+    part are looked up per position instead of computed per voxel (on 512x512 planes 2.5 ms a plane
+    instead of 4.8)."""
+
+    def __init__(self, rgb: np.ndarray | None = None, index: np.ndarray | None = None,
+                 lut: np.ndarray | None = None) -> None:
+        self._rgb, self.index, self.lut = rgb, index, lut
+        self.luma = luma(rgb) if rgb is not None else np.take(dense_luma_and_offsets(lut)[0], index)
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """(N,H,W,3) float32 RGB on the 0-255 scale."""
+        return self._rgb if self._rgb is not None else np.take(dense_table(self.lut), self.index, axis=0)
+
+    def restore(self, fused_y: np.ndarray, mode: str) -> np.ndarray:
+        """(N,H,W) fused luma (0-255) -> (N,H,W,3) uint8 (:func:`LightFusionLib.colour.restore_colour`)."""
+        if mode == "yuv" and self.index is not None:
+            return add_luma(np.take(dense_luma_and_offsets(self.lut)[1], self.index, axis=0), fused_y)
+        return restore_colour(self.rgb, fused_y, self.luma, mode)
 
 
 def _warn(found: list[str], message: str) -> None:
@@ -362,7 +384,7 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
         m = pair.mri_unit(mri_planes[start:stop])
         src = pair.other_source(other_planes[start:stop])
         colour = pair.other_colour(src)
-        y = colour[1] / np.float32(255) if colour is not None else src
+        y = colour.luma / np.float32(255) if colour is not None else src
         # Planes blank in both inputs (outside the head) are not worth a network call.
         busy = (m.reshape(len(m), -1).max(1) > 0) | (y.reshape(len(y), -1).max(1) > 0)
         job = None
@@ -373,16 +395,23 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
 
     def finish_batch(start: int, stop: int, colour, busy: np.ndarray, job: Future | None) -> None:
         """Wait for the network's planes, take them back to the plane grid and store them."""
-        fused = np.zeros((stop - start, h, w), np.float32)
         if job is not None:
-            fused[busy] = grid.from_net(job.result())
-        # Never let a non-finite value reach the uint8 cast (it would become an arbitrary grey level).
-        if not np.isfinite(fused).all():
-            raise VolumeError(f"the fusion produced non-finite values in {axis} planes {start}-{stop - 1} "
-                              "(a damaged model file or an internal error); nothing was written")
+            net_planes = job.result()
+            # Never let a non-finite value reach the uint8 cast (it would become an arbitrary grey
+            # level). Checked on the network's planes: resampling finite values gives finite ones.
+            if not np.isfinite(net_planes).all():
+                raise VolumeError(f"the fusion produced non-finite values in {axis} planes {start}-{stop - 1} "
+                                  "(a damaged model file or an internal error); nothing was written")
+            back = grid.from_net(net_planes)
+        if job is not None and busy.all():
+            fused = back
+        else:
+            fused = np.zeros((stop - start, h, w), np.float32)
+            if job is not None:
+                fused[busy] = back
         np.clip(fused, 0.0, 1.0, out=fused)
         if rgb:
-            out_planes[start:stop] = restore_colour(colour[0], fused * 255, colour[1], colour_mode)
+            out_planes[start:stop] = colour.restore(fused * 255, colour_mode)
         else:
             out_planes[start:stop] = np.rint(fused * 255).astype(np.uint8)
         if progress is not None:

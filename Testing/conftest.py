@@ -27,7 +27,7 @@ def sample_net_planes() -> tuple[np.ndarray, np.ndarray]:
     mri_path, pet_path = sample_paths()
     pair = prepare_pair(read_volume(mri_path), read_volume(pet_path), "pet-mri")
     middle = slice(pair.mri.shape[0] // 2 - 4, pair.mri.shape[0] // 2 + 4)
-    _, pet_luma = pair.other_colour(pair.other[middle])
+    pet_luma = pair.other_colour(pair.other[middle]).luma
     spacing = pair.reference.GetSpacing()
     grid = PlaneGrid(pair.mri.shape[1:], (spacing[1], spacing[0]))
     return np.clip(grid.to_net(pair.mri[middle]), 0, 1), np.clip(grid.to_net(pet_luma / 255), 0, 1)
