@@ -62,6 +62,9 @@ def _int_list(text: str) -> list[int]:
                                          f"got {text!r}") from None
 
 
+DEFAULT_BENCHMARK_VOLUMES = ((256, 256, 256), (512, 512, 400))
+
+
 def _volume_size(text: str) -> tuple[int, int, int]:
     """'X,Y,Z' -> (x, y, z); the synthetic PET is half that size and must still hold a head."""
     try:
@@ -270,7 +273,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.batch_cases:
         return _cmd_benchmark_batch(args)
     report = run_benchmark(task=args.task, backend=args.backend, device=args.device, batch_sizes=args.batch_sizes,
-                           volume=not args.no_volume, seconds=args.seconds, volume_shape=args.volume_size,
+                           volume=not args.no_volume, seconds=args.seconds,
+                           volume_shape=args.volume_size or list(DEFAULT_BENCHMARK_VOLUMES),
                            half=args.half)
     print(format_report(report))
     if args.json:
@@ -513,8 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-workers", type=_positive_int, default=2, help="--workers of the batch benchmark (default 2)")
     p.add_argument("--memory-cases", type=int, default=200,
                    help="small synthetic cases of the batch memory run (default 200; 0 skips it)")
-    p.add_argument("--volume-size", type=_volume_size, default="256,256,256",
-                   help="X,Y,Z voxels of the synthetic MRI volume (each at least 16)")
+    p.add_argument("--volume-size", type=_volume_size, action="append",
+                   help="X,Y,Z voxels of a synthetic MRI volume to fuse end to end and stage by stage (each at "
+                        "least 16); repeatable (default: 256,256,256 and 512,512,400, a clinical CT/MRI size)")
     p.add_argument("--json", help="write the report as JSON here")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_benchmark)

@@ -28,11 +28,14 @@ def test_volume_benchmark_times_the_process_and_each_stage_in_process(tmp_path):
     out = tmp_path / "bench.json"
     ballast = np.ones(64_000_000)  # 512 MB here: the child's peak must not include this process's memory
     code = main(["benchmark", "--backend", "onnx", "--device", "cpu", "--batch-sizes", "2", "--seconds", "0.05",
-                 "--volume-size", "40,36,24", "--json", str(out)])
+                 "--volume-size", "40,36,24", "--volume-size", "32,32,20", "--json", str(out)])
     del ballast
     assert code == 0
-    volume = json.loads(out.read_text())["backends"]["onnx-cpu"]["volume"]
+    entry = json.loads(out.read_text())["backends"]["onnx-cpu"]
+    volume = entry["volume"]
     assert volume["shape"] == [40, 36, 24]
+    assert [v["shape"] for v in entry["volumes"]] == [[40, 36, 24], [32, 32, 20]]  # each size, stage by stage
+    assert all(set(v["stages"]) >= {"host", "network", "planes", "write", "verify"} for v in entry["volumes"])
     assert 50 < volume["peak_rss_mb"] < 480  # Python, SimpleITK and ONNX Runtime alone take about 280 MB
     warm = volume["warm"]
     assert set(warm) == {"read", "prepare", "fuse", "write", "total"}
