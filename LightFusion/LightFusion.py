@@ -156,7 +156,9 @@ def _choiceLabel(value: str) -> str:
         "axial": _("Axial"), "coronal": _("Coronal"), "sagittal": _("Sagittal"),
         "auto": _("Auto"), "torch": _("PyTorch"), "onnx": _("ONNX Runtime"), "cpu": _("CPU"), "cuda": _("CUDA GPU"),
         "rigid": _("Rigid"), "affine": _("Affine"),
-    }.get(value) or get_task(value).label  # a task new to the library shows its own label until translated
+        "yuv": _("Plain YUV (paper)"), "saturated": _("Keep saturation"),
+    }.get(value) or (get_task(value).label if value in TASK_NAMES  # a new task shows its own label until translated
+                     else value)  # so does any other new choice of the library (its name)
 
 
 class _LabelledChoice:
@@ -196,6 +198,10 @@ class Colormap(_LabelledChoice, enum.Enum):
     NONE = "none"
 
 
+# PET/SPECT colour restoration: the library's modes (LightFusionLib.colour.COLOUR_MODES), never a copy of them.
+ColourMode = enum.Enum("ColourMode", [(mode.upper(), mode) for mode in _logic.COLOUR_MODES], type=_LabelledChoice)
+
+
 class SliceAxis(_LabelledChoice, enum.Enum):
     AXIAL = "axial"
     CORONAL = "coronal"
@@ -220,7 +226,8 @@ class LightFusionParameterNode:
 
     mriVolume / otherVolume - the inputs; outputVolume - None means "create new volume".
     task - shipped model (or CUSTOM: modelPath, trained for modelTask).
-    colormap - for scalar PET/SPECT; axis, backend, device - how the network runs.
+    colormap - for scalar PET/SPECT; colourMode - how an RGB (PET/SPECT) result is coloured;
+    axis, backend, device - how the network runs.
     registration - register the other volume to the MRI first (NONE: they are aligned already);
     transformOther - then also put the other volume under the transform found.
     """
@@ -231,6 +238,7 @@ class LightFusionParameterNode:
     modelPath: pathlib.Path
     modelTask: ModelTask = ModelTask.PET_MRI
     colormap: Colormap = Colormap.DEFAULT
+    colourMode: ColourMode = ColourMode(_logic.DEFAULT_COLOUR_MODE)
     registration: Registration = Registration.NONE
     transformOther: bool = False
     axis: SliceAxis = SliceAxis.AXIAL
@@ -413,6 +421,13 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                           and other.GetImageData().GetNumberOfScalarComponents() == 3)
         return get_task(self.effectiveTask()).functional and not otherIsRGB
 
+    def colourModeApplies(self) -> bool:
+        """The colour restoration is used where the result is RGB: a PET/SPECT that is RGB, or scalar with
+        a colour map other than 'none' (not CT, not a grayscale fusion)."""
+        if not get_task(self.effectiveTask()).functional:
+            return False
+        return not self.colormapApplies() or self._parameterNode.colormap != Colormap.NONE
+
     def updateGUIState(self, caller=None, event=None) -> None:
         """Show the rows that apply, and enable Apply when the inputs are complete."""
         p = self._parameterNode
@@ -427,6 +442,9 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         showColormap = self.colormapApplies()
         self.ui.colormapLabel.setVisible(showColormap)
         self.ui.colormapComboBox.setVisible(showColormap)
+        showColourMode = self.colourModeApplies()
+        self.ui.colourModeLabel.setVisible(showColourMode)
+        self.ui.colourModeComboBox.setVisible(showColourMode)
         self.ui.transformOtherCheckBox.setVisible(p.registration != Registration.NONE)
 
         if self._running:
@@ -573,6 +591,7 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 try:
                     colormap = (p.colormap.value if self.colormapApplies() and p.colormap != Colormap.DEFAULT
                                 else None)
+                    colourMode = p.colourMode.value if self.colourModeApplies() else None
                     custom = p.task == FusionTask.CUSTOM
                     outputNode = self.logic.process(
                         p.mriVolume, p.otherVolume, p.outputVolume, task=self.effectiveTask(),
@@ -581,7 +600,8 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         model=_modelPathOrNone(p.modelPath) if custom else None,
                         cancelCallback=lambda: self._cancelRequested,
                         registration=p.registration.value, applyTransformToOther=p.transformOther,
-                        statusCallback=self.onStage, idleCallback=slicer.app.processEvents)
+                        statusCallback=self.onStage, idleCallback=slicer.app.processEvents,
+                        colourMode=colourMode)
                 except FusionCancelled:
                     self.ui.statusLabel.text = _("Cancelled after {s:.1f} s; nothing was changed.").format(
                         s=time.perf_counter() - started)
@@ -641,20 +661,27 @@ class LightFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 modality=get_task(run["task"]).modality, low=window[0], high=window[1])
         return text
 
+    def colourModeDescription(self, run: dict) -> Optional[str]:
+        """'Colours: Keep saturation' for a run whose result is RGB (the colour restoration used)."""
+        mode = run.get("colourMode")
+        if mode not in {m.value for m in ColourMode}:
+            return None
+        return _("Colours: {name}").format(name=ColourMode(mode).label())
+
     def showResult(self, outputNode) -> None:
         """Show the fused volume over the MRI in every (linked) slice view, and say in the status line
-        (and the main window's status bar): time and device, the colour map of a scalar PET/SPECT, the
-        registration's alignment measure, then the first input warning of the run, if any (all of them
-        are in the Python log and in the status line's tooltip)."""
+        (and the main window's status bar): time and device, the colour map of a scalar PET/SPECT and the
+        colour restoration of an RGB result, the registration's alignment measure, then the first input
+        warning of the run, if any (all of them are in the Python log and in the status line's tooltip)."""
         run = self.logic.lastRun or {}
         self.ui.overlayButton.checked = False
         self.logic.showFusion()
         slicer.util.setSliceViewerLayers(fit=True)  # layers set above; fit every view to them
         message = _("{name}: fused in {s:.1f} s on {device}.").format(
             name=outputNode.GetName(), s=run.get("seconds", 0.0), device=run.get("device", "?"))
-        colours = self.colormapDescription(run)
-        if colours:
-            message += " " + colours + "."
+        for colours in (self.colormapDescription(run), self.colourModeDescription(run)):
+            if colours:
+                message += " " + colours + "."
         if run.get("transformNodeID"):
             transform = slicer.mrmlScene.GetNodeByID(run["transformNodeID"])
             message += " " + _("{kind} registration: alignment measure {before:.3f} -> {after:.3f} (higher is "
@@ -768,9 +795,10 @@ class LightFusionTest(ScriptedLoadableModuleTest):
         logic = LightFusionLogic()
         p = logic.getParameterNode()
         self.assertIsInstance(p, LightFusionParameterNode)
-        self.assertEqual((p.task, p.colormap, p.registration, p.transformOther, p.axis, p.backend, p.device),
-                         (FusionTask.PET_MRI, Colormap.DEFAULT, Registration.NONE, False, SliceAxis.AXIAL,
-                          Backend.AUTO, Device.AUTO))
+        self.assertEqual((p.task, p.colormap, p.colourMode, p.registration, p.transformOther, p.axis, p.backend,
+                          p.device),
+                         (FusionTask.PET_MRI, Colormap.DEFAULT, ColourMode(_logic.DEFAULT_COLOUR_MODE),
+                          Registration.NONE, False, SliceAxis.AXIAL, Backend.AUTO, Device.AUTO))
         self.assertIs(logic.getParameterNode().parameterNode, p.parameterNode)  # one parameter node per scene
         mri, other, _task = self._loadSamples()
         self.assertEqual(_logic.inputsToPreselect(slicer.mrmlScene, p.parameterNode, p.mriVolume, p.otherVolume),
@@ -824,6 +852,8 @@ class LightFusionTest(ScriptedLoadableModuleTest):
         self.assertEqual(output.GetImageData().GetDimensions(), mri.GetImageData().GetDimensions())
         self.assertTrue(np.allclose(_logic.mrml.ijkToRAS(output), _logic.mrml.ijkToRAS(mri), atol=1e-6))
         self.assertEqual(stages[-1], "fusing")
+        rgb = output.GetClassName() == "vtkMRMLVectorVolumeNode"
+        self.assertEqual(logic.lastRun["colourMode"], _logic.DEFAULT_COLOUR_MODE if rgb else None)
         self.assertTrue(logic.showFusion())
         for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
             self.assertEqual((composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()),
@@ -846,6 +876,9 @@ class LightFusionTest(ScriptedLoadableModuleTest):
             logic.process(None, other, task=task, backend=_StandInBackend(task))
         with self.assertRaises(ValueError):
             logic.process(mri, other, task=task, backend=_StandInBackend(task), registration="elastic")
+        with self.assertRaises(ValueError):
+            logic.process(mri, other, task=task, backend=_StandInBackend(task), colourMode="vivid")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
         self.delayDisplay("Pipeline, cancel and errors passed")
 
     def test_LightFusion_inference(self):

@@ -7,6 +7,7 @@ one test runs a shipped model end to end on a small volume.
 """
 from __future__ import annotations
 
+import re
 import sys
 import types
 from pathlib import Path
@@ -853,6 +854,61 @@ def test_unknown_registration_kind_is_refused(scene, pair):
     mri, pet = pair
     with pytest.raises(LightFusionInputError, match="unknown registration 'elastic'; choose one of none, rigid, affine"):
         LightFusionLogic().process(mri, pet, backend=MeanBackend(), registration="elastic")
+
+
+BT601_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def test_saturated_colour_mode_changes_the_colours_but_not_the_fused_luma(scene, pair):
+    """colourMode='saturated' (LightFusionLib.colour.restore_colour) gives other colours than the
+    default plain YUV, with the same BT.601 luma wherever the YUV result is not clipped (a channel at 0
+    or 255 may have been clipped, which changes YUV's luma); the run record says which mode was used."""
+    mri, pet = pair
+    logic = LightFusionLogic()
+    default = logic.process(mri, pet, task="pet-mri", backend=MeanBackend())
+    assert logic.lastRun["colourMode"] == lf_logic.DEFAULT_COLOUR_MODE == "yuv"
+    saturated = logic.process(mri, pet, task="pet-mri", backend=MeanBackend(), colourMode=" Saturated ")
+    assert logic.lastRun["colourMode"] == "saturated" and logic.lastRun["outputNodeID"] == saturated.GetID()
+    assert saturated.GetClassName() == default.GetClassName() == "vtkMRMLVectorVolumeNode"
+    assert np.allclose(node_matrix(saturated), node_matrix(default))
+    yuv_rgb = slicer.util.arrayFromVolume(default).astype(np.float32)
+    saturated_rgb = slicer.util.arrayFromVolume(saturated).astype(np.float32)
+    assert (yuv_rgb != saturated_rgb).any(axis=-1).mean() > 0.1  # the colours differ on many voxels
+    unclipped = ((yuv_rgb > 0) & (yuv_rgb < 255)).all(axis=-1)
+    assert unclipped.sum() > 100
+    luma_difference = np.abs(yuv_rgb @ BT601_LUMA - saturated_rgb @ BT601_LUMA)[unclipped]
+    assert np.percentile(luma_difference, 99) <= 1.5, np.percentile(luma_difference, 99)
+    # an explicit 'yuv' is the default
+    again = logic.process(mri, pet, task="pet-mri", backend=MeanBackend(), colourMode="yuv")
+    assert np.array_equal(slicer.util.arrayFromVolume(again), slicer.util.arrayFromVolume(default))
+    assert logic.lastRun["colourMode"] == "yuv"
+
+
+@pytest.mark.parametrize("task, colormap", [("ct-mri", None), ("pet-mri", "none")], ids=["ct", "grayscale-pet"])
+def test_colour_mode_has_no_effect_on_a_grayscale_result(scene, pair, task, colormap):
+    mri, pet = pair
+    logic = LightFusionLogic()
+    default = logic.process(mri, pet, task=task, colormap=colormap, backend=MeanBackend(task))
+    saturated = logic.process(mri, pet, task=task, colormap=colormap, backend=MeanBackend(task), colourMode="saturated")
+    assert saturated.GetClassName() == "vtkMRMLScalarVolumeNode"
+    assert np.array_equal(slicer.util.arrayFromVolume(saturated), slicer.util.arrayFromVolume(default))
+    assert logic.lastRun["colourMode"] is None  # not used: the record does not claim a colouring
+
+
+def test_unknown_colour_mode_is_refused_before_any_work(scene, pair):
+    mri, pet = pair
+    logic = LightFusionLogic()
+    target = logic.process(mri, pet, backend=MeanBackend())
+    before, count, run = snapshot(target), scene.GetNumberOfNodes(), dict(logic.lastRun)
+    for outputNode in (None, target):
+        backend = MeanBackend()
+        with pytest.raises(LightFusionInputError, match=re.escape(
+                f"unknown colour mode 'vivid'; choose one of {', '.join(lf_logic.COLOUR_MODES)}")) as refused:
+            logic.process(mri, pet, outputNode=outputNode, backend=backend, colourMode="vivid")
+        assert "\n" not in str(refused.value)
+        assert backend.calls == 0 and scene.GetNumberOfNodes() == count
+    assert_unchanged(target, before)
+    assert logic.lastRun == run  # the last successful run is still the one recorded
 
 
 def test_real_registration_recovers_a_known_move_of_the_sample_pet_through_the_panel_logic(scene):

@@ -3,7 +3,8 @@
 - the .ui file: every widget the module code names exists with the expected class; every
   parameter-node field has exactly one widget (``SlicerParameterName``) of a class that
   parameterNodeWrapper's connectGui can bind to its type; node selectors get the scene;
-- the panel's choices match LightFusionLib (tasks, axes, backends, devices, colour maps);
+- the panel's choices match LightFusionLib (tasks, axes, backends, devices, colour maps, colour
+  restoration modes);
 - CMake lists every module script and resource, and the layout LightFusionLib relies on;
 - LightFusionSlicerLib stays Qt-free;
 - the module compares no task names by hand (LightFusionLib.tasks defines them);
@@ -57,6 +58,7 @@ EXPECTED_WIDGETS = {
     "taskComboBox": "QComboBox",
     "modelTaskComboBox": "QComboBox",
     "colormapComboBox": "QComboBox",
+    "colourModeComboBox": "QComboBox",
     "axisComboBox": "QComboBox",
     "backendComboBox": "QComboBox",
     "deviceComboBox": "QComboBox",
@@ -64,6 +66,7 @@ EXPECTED_WIDGETS = {
     "modelPathLabel": "QLabel",
     "modelTaskLabel": "QLabel",
     "colormapLabel": "QLabel",
+    "colourModeLabel": "QLabel",
     "deviceInfoLabel": "QLabel",
     "statusLabel": "QLabel",
     "applyButton": "QPushButton",
@@ -175,6 +178,37 @@ def test_every_parameter_has_one_widget_and_every_bound_widget_a_parameter():
                                        f"widgets bound to no field: {set(bound) - set(fields)}")
     for parameter, names in bound.items():
         assert len(names) == 1, f"{parameter} is bound to several widgets: {names}"
+
+
+def form_rows(layout_name: str) -> dict[str, tuple[int, int]]:
+    """Widget name -> (row, column) in the QFormLayout ``layout_name`` of the .ui."""
+    root = ET.parse(UI_FILE).getroot()
+    layout = next(lay for lay in root.iter("layout") if lay.get("name") == layout_name)
+    return {item.find("widget").get("name"): (int(item.get("row")), int(item.get("column")))
+            for item in layout.findall("item") if item.find("widget") is not None}
+
+
+def test_colour_mode_row_is_wired_like_the_colour_map_row():
+    """Label + combo box right below the colour map's, in the same form, bound to the parameter node by
+    SlicerParameterName; the tooltip says the fused luma is the same and points to the model card; the
+    code shows and hides both together, as it does the colour map's."""
+    widgets = ui_widgets()
+    rows = form_rows("inputsFormLayout")
+    row = rows["colormapComboBox"][0]
+    assert (rows["colormapLabel"], rows["colormapComboBox"]) == ((row, 0), (row, 1))
+    assert (rows["colourModeLabel"], rows["colourModeComboBox"]) == ((row + 1, 0), (row + 1, 1))
+    rows_used = sorted(rows.values())
+    assert len(rows_used) == len(set(rows_used)), "two widgets in one cell of the inputs form"
+    assert dynamic_property(widgets["colormapComboBox"], "SlicerParameterName") == "colormap"
+    assert dynamic_property(widgets["colourModeComboBox"], "SlicerParameterName") == "colourMode"
+    tooltip = dynamic_property(widgets["colourModeComboBox"], "toolTip")
+    assert "fused luma" in tooltip and "same" in tooltip and "model card" in tooltip
+    assert "Plain YUV (paper)" in tooltip and "Keep saturation" in tooltip
+    assert widgets["colourModeLabel"].find("property/string").text.strip()
+    source = MODULE_PY.read_text()
+    for name in ("colormap", "colourMode"):
+        for suffix in ("Label", "ComboBox"):
+            assert f"self.ui.{name}{suffix}.setVisible(" in source, f"{name}{suffix} is never shown or hidden"
 
 
 def test_node_selectors_receive_the_scene():
@@ -589,8 +623,16 @@ def test_enum_choices_match_the_library(module):
     assert tuple(b.value for b in module.Backend) == backends.BACKENDS == logic.BACKENDS
     assert tuple(d.value for d in module.Device) == backends.DEVICES == logic.DEVICES
     assert tuple(r.value for r in module.Registration) == ("none", *registration.KINDS) == logic.REGISTRATIONS
-    for enum_class in (module.FusionTask, module.ModelTask, module.Colormap, module.SliceAxis, module.Backend,
-                       module.Device, module.Registration):
+    # the colour restoration choices are the library's modes (one definition: LightFusionLib.colour)
+    from LightFusionLib import colour
+
+    assert tuple(m.value for m in module.ColourMode) == colour.COLOUR_MODES == logic.COLOUR_MODES
+    for member in module.ColourMode:  # every mode has a panel label of its own, not its raw name
+        assert member.label() not in ("", member.value)
+    assert (module.ColourMode("yuv").label(), module.ColourMode("saturated").label()) == (
+        "Plain YUV (paper)", "Keep saturation")
+    for enum_class in (module.FusionTask, module.ModelTask, module.Colormap, module.ColourMode, module.SliceAxis,
+                       module.Backend, module.Device, module.Registration):
         labels = [member.label() for member in enum_class]
         assert all(labels) and len(set(labels)) == len(labels), enum_class
     try:
@@ -609,6 +651,9 @@ def test_defaults_and_helpers(module):
     assert (p.task, p.colormap, p.registration, p.transformOther, p.axis, p.backend, p.device) == (
         module.FusionTask.PET_MRI, module.Colormap.DEFAULT, module.Registration.NONE, False, module.SliceAxis.AXIAL,
         module.Backend.AUTO, module.Device.AUTO)
+    from LightFusionLib.colour import DEFAULT_COLOUR_MODE
+
+    assert p.colourMode is module.ColourMode(DEFAULT_COLOUR_MODE) and p.colourMode.value == "yuv"  # the paper's
     assert module._modelPathOrNone(pathlib.Path()) is None
     assert module._modelPathOrNone(None) is None
     assert module._modelPathOrNone(pathlib.Path("/models/my.pt")) == "/models/my.pt"
@@ -772,6 +817,67 @@ def test_panel_enables_apply_only_for_complete_inputs(panel):
     p.modelPath, p.modelTask = pathlib.Path("/models/mine.onnx"), module.ModelTask.CT_MRI
     widget.updateGUIState()
     assert ui.applyButton.enabled and not ui.colormapComboBox.visible  # CT: no colour map
+    assert not ui.colourModeComboBox.visible and not ui.colourModeLabel.visible  # nor a colour restoration
+
+
+def test_panel_shows_the_colour_restoration_only_where_the_result_is_rgb(panel):
+    """Like the colour map's row, the colour restoration's is shown only where it applies: a PET/SPECT
+    whose result is RGB (a scalar one with a colour map other than None, or an RGB one); not for CT or a
+    grayscale fusion."""
+    import numpy as np
+    import slicer
+
+    ui, p, widget, module = panel.ui, panel.p, panel.widget, panel.module
+
+    def shown():
+        widget.updateGUIState()
+        assert ui.colourModeLabel.visible == ui.colourModeComboBox.visible
+        assert ui.colormapLabel.visible == ui.colormapComboBox.visible
+        return ui.colormapComboBox.visible, ui.colourModeComboBox.visible
+
+    assert shown() == (True, True)  # scalar PET, the task's colour map
+    for colormap in module.Colormap:
+        p.colormap = colormap
+        assert shown() == (True, colormap != module.Colormap.NONE)
+    p.task = module.FusionTask.SPECT_MRI
+    assert shown() == (True, False)  # still colour map None
+    p.colormap = module.Colormap.HOT
+    assert shown() == (True, True)
+    p.task = module.FusionTask.CT_MRI
+    assert shown() == (False, False)
+    p.task, p.modelTask, p.modelPath = module.FusionTask.CUSTOM, module.ModelTask.PET_MRI, pathlib.Path("/m.onnx")
+    assert shown() == (True, True)  # a custom model follows the task it was trained for
+    p.task = module.FusionTask.PET_MRI
+    p.colormap = module.Colormap.NONE
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 7, 3)).astype(np.uint8)
+    p.otherVolume = slicer.util.addVolumeFromArray(rgb, np.diag([1.0, 1.2, 2.0, 1.0]), name="PET rgb",
+                                                   nodeClassName="vtkMRMLVectorVolumeNode")
+    assert shown() == (False, True)  # an RGB PET: no colour map (whatever it is set to), but coloured
+
+
+@pytest.mark.parametrize("mode", ["yuv", "saturated"])
+def test_panel_passes_the_colour_restoration_and_names_it_in_the_status_line(panel, mode):
+    ui, p, widget, module = panel.ui, panel.p, panel.widget, panel.module
+    p.colourMode = module.ColourMode(mode)
+    widget.onApplyButton()
+    run = widget.logic.lastRun
+    assert run["colourMode"] == mode and run["colormap"] == "harvard-pet"
+    label = module.ColourMode(mode).label()
+    assert f"Colour map: Harvard PET (PET window {run['otherWindow'][0]:.4g} to {run['otherWindow'][1]:.4g}). " \
+           f"Colours: {label}." in ui.statusLabel.text
+
+
+def test_panel_grayscale_run_names_no_colour_restoration(panel):
+    """Colour map None: a scalar result; the choice is hidden, not passed, and not claimed in the status line."""
+    ui, p, widget, module = panel.ui, panel.p, panel.widget, panel.module
+    p.colourMode, p.colormap = module.ColourMode.SATURATED, module.Colormap.NONE
+    calls = []
+    process = widget.logic.process
+    widget.logic.process = lambda *args, **kwargs: calls.append(kwargs.get("colourMode")) or process(*args, **kwargs)
+    widget.onApplyButton()
+    assert calls == [None] and widget.logic.lastRun["colourMode"] is None
+    assert "fused in" in ui.statusLabel.text and "Colours:" not in ui.statusLabel.text
+    assert panel.scene.GetFirstNodeByName("MRI_PET_fused").GetClassName() == "vtkMRMLScalarVolumeNode"
 
 
 def test_panel_apply_runs_shows_progress_and_reports_time_and_device(panel):

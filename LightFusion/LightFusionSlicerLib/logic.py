@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from LightFusionLib.backends import BACKENDS, DEVICES  # the library's lists of choices, never copies
+from LightFusionLib.colour import COLOUR_MODES, DEFAULT_COLOUR_MODE, check_colour_mode  # also the panel's
 from LightFusionLib.errors import FusionCancelled
 from LightFusionLib.geometry import AXES
 from LightFusionLib.registration import KINDS as REGISTRATION_KINDS
@@ -354,9 +355,11 @@ class LightFusionLogic(_LogicBase):
     """Computation of the LightFusion module; usable without the widget (console, tests, scripts).
 
     Attributes after a successful :meth:`process`: ``lastRun`` = dict(seconds, device, backend,
-    outputNodeID, mriNodeID, otherNodeID, task, colormap, otherWindow, warnings, registration,
-    transformNodeID, measureBefore, measureAfter, registrationSeconds); ``lastWarnings``: the input
-    warnings of the last run (also logged), one line each, e.g. a pair that looks misaligned.
+    outputNodeID, mriNodeID, otherNodeID, task, colormap, colourMode, otherWindow, warnings, registration,
+    transformNodeID, measureBefore, measureAfter, registrationSeconds); ``colourMode`` is the PET/SPECT
+    colour restoration used ('yuv' or 'saturated'), None for a grayscale result (CT, colour map 'none'),
+    where it has no effect. ``lastWarnings``: the input warnings of the last run (also logged), one
+    line each, e.g. a pair that looks misaligned.
     """
 
     POLL_SECONDS = 0.05  # how often idleCallback runs while a worker thread works
@@ -452,7 +455,7 @@ class LightFusionLogic(_LogicBase):
                 device: str = "auto", colormap: str | None = None, progressCallback=None, *,
                 model: str | os.PathLike | None = None, backend="auto", batchSize: int | None = None,
                 cancelCallback=None, registration: str = "none", applyTransformToOther: bool = False,
-                statusCallback=None, idleCallback=None):
+                statusCallback=None, idleCallback=None, colourMode: str | None = None):
         """Fuse ``otherNode`` (PET/SPECT/CT, scalar or RGB) into ``mriNode`` (scalar MRI).
 
         :param mriNode, otherNode: volume nodes, or node names/IDs.
@@ -476,6 +479,11 @@ class LightFusionLogic(_LogicBase):
             'fusing'.
         :param idleCallback: called about every 50 ms while a worker thread works (and between batches
             through ``progressCallback``); the panel passes ``slicer.app.processEvents``.
+        :param colourMode: how an RGB (PET/SPECT) result is coloured, one of ``COLOUR_MODES``
+            (:func:`LightFusionLib.colour.restore_colour`): 'yuv' (the paper's plain YUV, the default when
+            None: the source's chroma under the fused luma) or 'saturated' (the chroma scaled with the
+            luma change: keeps the source's saturation). The fused luma is the same; no effect on a
+            grayscale result (CT, colour map 'none').
         :returns: the output volume node.
         :raises LightFusionInputError / VolumeNodeError / LightFusionLib errors (ValueError) for
             unusable input; FusionCancelled when cancelled (or when the scene is closed meanwhile).
@@ -492,6 +500,10 @@ class LightFusionLogic(_LogicBase):
         registration = self._checkChoice(
             "registration", (registration or "none").strip().lower() if isinstance(registration, str) else registration,
             REGISTRATIONS)
+        try:
+            colourMode = check_colour_mode(colourMode)
+        except ValueError as exc:  # 'unknown colour mode ...; choose one of yuv, saturated'
+            raise LightFusionInputError(_oneLine(exc)) from None
         self._checkNodes(mriNode, otherNode, outputNode)
         expectedClass = expectedOutputClass(task, colormap)
         if outputNode is not None and outputNode.GetClassName() != expectedClass:
@@ -565,7 +577,7 @@ class LightFusionLogic(_LogicBase):
                 status("registered", before=result.measure_before, after=result.measure_after)
 
             status("fusing")
-            fused = fuse_prepared(pair, backendObject, axis, batchSize, progress, cancelled)
+            fused = fuse_prepared(pair, backendObject, axis, batchSize, progress, cancelled, colour_mode=colourMode)
             # A Cancel (or a scene close) seen while the last batch was reported still counts.
             if cancelled():
                 raise FusionCancelled("cancelled after the last batch; nothing was added to the scene")
@@ -616,6 +628,7 @@ class LightFusionLogic(_LogicBase):
             "backend": getattr(backendObject, "name", str(backendObject)),
             "outputNodeID": node.GetID(), "mriNodeID": mriNode.GetID(), "otherNodeID": otherNode.GetID(),
             "task": task, "colormap": pair.colormap,
+            "colourMode": colourMode if resultClass == mrml.VECTOR_CLASS else None,  # used for RGB results only
             "otherWindow": tuple(pair.other_window) if pair.other_window is not None else None,
             "warnings": list(self.lastWarnings), "registration": registration,
             "transformNodeID": transformNode.GetID() if transformNode is not None else None,
