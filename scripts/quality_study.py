@@ -6,7 +6,9 @@ max, Laplacian) on the same cases. PET-MRI has three cases, so its folds rotate 
 once); SPECT-MRI and CT-MRI use the model card's fixed validation cases.
 
     python scripts/quality_study.py screen   # short runs of every variant (stage 1)
-    python scripts/quality_study.py confirm  # full-length runs of the chosen recipe (stage 2)
+    python scripts/quality_study.py folds    # PET-MRI's other two folds at screening length (stage 1b)
+    python scripts/quality_study.py confirm  # full-length runs of the current and the chosen recipe (stage 2)
+    python scripts/quality_study.py cross    # confirm-stage models on the other task's held-out cases
     python scripts/quality_study.py table    # markdown tables of everything done so far
 
 Results go to runs/study/results.jsonl, one line per (stage, variant, task, fold); a line that is
@@ -144,8 +146,9 @@ def jobs_for(stage: str, variants: dict[str, dict], epochs: int, folds: dict) ->
                 if variant.get("only") and task not in variant["only"]:
                     continue
                 meta = {"stage": stage, "variant": name, "task": task, "fold": fold}
+                task_epochs = CONFIRM_EPOCHS_BY_TASK.get(task, epochs) if stage == "confirm" else epochs
                 jobs.append({"key": [stage, name, task, fold], "variant_name": name, "variant": variant,
-                             "task": task, "val_cases": val_cases, "epochs": epochs, "meta": meta})
+                             "task": task, "val_cases": val_cases, "epochs": task_epochs, "meta": meta})
     return jobs
 
 
@@ -161,9 +164,52 @@ def run_jobs(jobs: list[dict], workers: int) -> None:
             print(json.dumps({k: record[k] for k in ("key", "seconds", "train_seconds") if k in record}), flush=True)
 
 
-# Stage 2: the chosen recipe (filled in from the screening) and the current one, full length.
+# Stage 1b: the current recipe and the screening's best on PET-MRI's other folds.
+FOLD_VARIANTS: dict[str, dict] = {"base": VARIANTS["base"]}
+
+# Stage 2: the current recipe and the chosen one (from the screening), full length: 100 epochs
+# (CT-MRI 200, as the current recipe found), on the first fold of each task.
 CONFIRM_EPOCHS = 100
-CONFIRM: dict[str, dict] = {}
+CONFIRM: dict[str, dict] = {"base": {}}
+CONFIRM_EPOCHS_BY_TASK = {"ct-mri": 200}
+
+
+def run_cross() -> None:
+    """The paper's cross-dataset experiment on validation models: each confirm-stage PET-MRI /
+    SPECT-MRI model (trained without its held-out cases) on the other task's held-out cases."""
+    from LightFusionLib.evaluation import evaluate
+
+    done = done_keys()
+    for record in load_results():
+        if record["stage"] != "confirm" or record["task"] not in ("pet-mri", "spect-mri"):
+            continue
+        other = "spect-mri" if record["task"] == "pet-mri" else "pet-mri"
+        fold, cases = FOLDS[other][0]
+        key = ["cross", record["variant"], f"{record['task']}-model", other, fold]
+        if tuple(key) in done:
+            continue
+        report = evaluate(DATA, other, model=ROOT / record["model"], methods=["lightfusion"], cases=cases,
+                          backend="torch", device="cpu", progress=False)
+        append({"key": key, "stage": "cross", "variant": record["variant"], "task": other, "fold": fold,
+                "model_task": record["task"], "methods": report["methods"], "pairs": report["pairs"],
+                "note": report.get("note")})
+        print(key, flush=True)
+
+
+def cross_table() -> str:
+    results = load_results()
+    own = {(r["variant"], r["task"]): r for r in results if r["stage"] == "confirm"}
+    lines = []
+    for r in (r for r in results if r["stage"] == "cross"):
+        mine = own.get((r["variant"], r["task"]))
+        lines += [f"\n{r['task']} held-out cases ({r['fold']}), recipe {r['variant']}\n",
+                  "| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS),
+                  f"| {r['model_task']} model (cross-task) | "
+                  + " | ".join(f"{r['methods']['lightfusion'][m]:.3f}" for m in METRICS) + " |"]
+        if mine:
+            lines.append(f"| {r['task']} model (own task) | "
+                         + " | ".join(f"{mine['methods']['lightfusion'][m]:.3f}" for m in METRICS) + " |")
+    return "\n".join(lines)
 
 
 def load_results() -> list[dict]:
@@ -209,15 +255,23 @@ def table(stage: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["screen", "confirm", "table"])
+    parser.add_argument("stage", choices=["screen", "folds", "confirm", "cross", "table"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--variants", help="comma-separated subset of the variants")
     parser.add_argument("--tasks", help="comma-separated subset of the tasks")
     args = parser.parse_args()
     tasks = args.tasks.split(",") if args.tasks else list(FOLDS)
     if args.stage == "table":
-        print(table("screen"))
-        print(table("confirm"))
+        for stage in ("screen", "folds", "confirm"):
+            print(table(stage))
+        print(cross_table())
+        return
+    if args.stage == "cross":
+        run_cross()
+        return
+    if args.stage == "folds":
+        variants = {k: v for k, v in FOLD_VARIANTS.items() if not args.variants or k in args.variants.split(",")}
+        run_jobs(jobs_for("folds", variants, SCREEN_EPOCHS, {"pet-mri": FOLDS["pet-mri"][1:]}), args.workers)
         return
     if args.stage == "screen":
         variants = {k: v for k, v in VARIANTS.items() if not args.variants or k in args.variants.split(",")}
@@ -225,7 +279,7 @@ def main() -> None:
         run_jobs(jobs_for("screen", variants, SCREEN_EPOCHS, folds), args.workers)
     else:
         variants = {k: v for k, v in CONFIRM.items() if not args.variants or k in args.variants.split(",")}
-        run_jobs(jobs_for("confirm", variants, CONFIRM_EPOCHS, {t: FOLDS[t] for t in tasks}), args.workers)
+        run_jobs(jobs_for("confirm", variants, CONFIRM_EPOCHS, {t: FOLDS[t][:1] for t in tasks}), args.workers)
 
 
 if __name__ == "__main__":
