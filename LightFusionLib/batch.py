@@ -540,7 +540,8 @@ def _fuse_case(case: Case, options: FuseOptions, key: dict, threads: int | None,
     model_path = getattr(engine, "model_path", case.model)
     record = {
         "version": __version__, "task": task.name, "model": str(model_path), "model_sha256": _model_sha(model_path),
-        "backend": engine.describe(), "axis": case.axis, "colormap": pair.colormap, "register": case.register,
+        "backend": engine.describe(), "axis": case.axis, "colormap": pair.colormap,
+        "colour": check_colour_mode(options.colour_mode) if pair.rgb_output else None, "register": case.register,
         "registration": pair.registration.describe() if pair.registration is not None
         and hasattr(pair.registration, "describe") else None,
         "plane_size": options.plane_size, "mri_window": [float(v) for v in pair.mri_window],
