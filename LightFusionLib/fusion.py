@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -353,11 +354,16 @@ def _check_options(axis: str, plane_size: int | None, batch_size: int | None) ->
 
 def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial", batch_size: int | None = None,
                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                  plane_size: int | None = NET_SIZE, colour_mode: str | None = None) -> sitk.Image:
+                  plane_size: int | None = NET_SIZE, colour_mode: str | None = None,
+                  host_threads: int | None = None) -> sitk.Image:
     """Fuse a :class:`PreparedPair` plane by plane; the result is on the MRI's own grid (see
     :func:`fuse_volumes`). ``colour_mode``: how the fused luma is coloured
-    (:func:`LightFusionLib.colour.restore_colour`; None: its default)."""
+    (:func:`LightFusionLib.colour.restore_colour`; None: its default). ``host_threads``: threads
+    preparing and finishing batches of planes (window, colour, resample, merge) around the network
+    (None: :func:`host_threads_for` the backend: 1 beside a CPU network, more beside a GPU's).
+    The result does not depend on it."""
     _check_options(axis, plane_size, batch_size)
+    host_threads = max(1, int(host_threads or host_threads_for(backend)))
     colour_mode = check_colour_mode(colour_mode)
     ref = pair.reference
     index_axis = slicing_axis(ref, axis)
@@ -378,8 +384,8 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
     chunk = int(batch_size or getattr(backend, "preferred_batch", 4))
     run = _Batcher(backend, chunk)
 
-    def start_batch(start: int, worker: ThreadPoolExecutor) -> tuple:
-        """Prepare planes start..start+chunk and hand them to the network thread."""
+    def prepare_batch(start: int) -> tuple:
+        """Planes start..start+chunk: windowed, coloured, on the network's grid."""
         stop = min(n, start + chunk)
         m = pair.mri_unit(mri_planes[start:stop])
         src = pair.other_source(other_planes[start:stop])
@@ -387,55 +393,99 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
         y = colour.luma / np.float32(255) if colour is not None else src
         # Planes blank in both inputs (outside the head) are not worth a network call.
         busy = (m.reshape(len(m), -1).max(1) > 0) | (y.reshape(len(y), -1).max(1) > 0)
-        job = None
-        if busy.any():
-            # B-spline overshoot is clipped: the network was trained on [0, 1] inputs.
-            job = worker.submit(run, np.clip(grid.to_net(m[busy]), 0, 1), np.clip(grid.to_net(y[busy]), 0, 1))
-        return start, stop, colour, busy, job
+        # B-spline overshoot is clipped: the network was trained on [0, 1] inputs.
+        net_in = (np.clip(grid.to_net(m[busy]), 0, 1), np.clip(grid.to_net(y[busy]), 0, 1)) if busy.any() else None
+        return start, stop, colour, busy, net_in
 
-    def finish_batch(start: int, stop: int, colour, busy: np.ndarray, job: Future | None) -> None:
-        """Wait for the network's planes, take them back to the plane grid and store them."""
-        if job is not None:
-            net_planes = job.result()
+    def finish_batch(start: int, stop: int, colour, busy: np.ndarray, net_planes: np.ndarray | None) -> None:
+        """Take the network's planes back to the plane grid, colour them and store them."""
+        if net_planes is not None:
             # Never let a non-finite value reach the uint8 cast (it would become an arbitrary grey
             # level). Checked on the network's planes: resampling finite values gives finite ones.
             if not np.isfinite(net_planes).all():
                 raise VolumeError(f"the fusion produced non-finite values in {axis} planes {start}-{stop - 1} "
                                   "(a damaged model file or an internal error); nothing was written")
             back = grid.from_net(net_planes)
-        if job is not None and busy.all():
+        if net_planes is not None and busy.all():
             fused = back
         else:
             fused = np.zeros((stop - start, h, w), np.float32)
-            if job is not None:
+            if net_planes is not None:
                 fused[busy] = back
         np.clip(fused, 0.0, 1.0, out=fused)
         if rgb:
             out_planes[start:stop] = colour.restore(fused * 255, colour_mode)
         else:
             out_planes[start:stop] = np.rint(fused * 255).astype(np.uint8)
-        if progress is not None:
-            progress(stop, n)
 
-    # The network runs on its own thread, one batch behind, while this thread prepares the next
-    # batch and finishes the previous one (numpy, SimpleITK and the backends release the GIL):
-    # on a GPU the host-side work then hides behind the device's.
-    with ThreadPoolExecutor(1, thread_name_prefix="lightfusion-net") as worker:
-        in_flight = None
-        for start in range(0, n, chunk):
-            if cancel is not None and cancel():
-                done = in_flight[0] if in_flight else start
-                raise FusionCancelled(f"fusion cancelled after {done} of {n} {axis} planes")
-            batch = start_batch(start, worker)
+    def cancelled(done: int) -> None:
+        if cancel is not None and cancel():
+            raise FusionCancelled(f"fusion cancelled after {done} of {n} {axis} planes")
+
+    starts = range(0, n, chunk)
+    with ThreadPoolExecutor(1, thread_name_prefix="lightfusion-net") as network:
+        if host_threads == 1:
+            # The network runs on its own thread, one batch behind, while this thread prepares the
+            # next batch and finishes the previous one (numpy, SimpleITK and the backends release
+            # the GIL).
+            in_flight = None
+            for start in starts:
+                cancelled(in_flight[0] if in_flight else start)
+                start, stop, colour, busy, net_in = prepare_batch(start)
+                batch = (start, stop, colour, busy, network.submit(run, *net_in) if net_in else None)
+                if in_flight is not None:
+                    _finish_in_order(finish_batch, in_flight, progress, n)
+                in_flight = batch
             if in_flight is not None:
-                finish_batch(*in_flight)
-            in_flight = batch
-        if in_flight is not None:
-            finish_batch(*in_flight)
+                _finish_in_order(finish_batch, in_flight, progress, n)
+        else:
+            # Beside a GPU network the host's cores are free: each batch is prepared, run and
+            # finished by one of ``host_threads`` threads (the batches write disjoint planes), at
+            # most 2 per thread in flight; progress and cancel stay on the calling thread, in order.
+            def whole_batch(start: int) -> int:
+                start, stop, colour, busy, net_in = prepare_batch(start)
+                finish_batch(start, stop, colour, busy, network.submit(run, *net_in).result() if net_in else None)
+                return stop
+
+            with ThreadPoolExecutor(host_threads, thread_name_prefix="lightfusion-host") as host:
+                pending: list[Future] = []
+                done = 0
+                try:
+                    for start in starts:
+                        cancelled(done)
+                        pending.append(host.submit(whole_batch, start))
+                        while len(pending) >= 2 * host_threads:
+                            done = pending.pop(0).result()
+                            _report(progress, done, n)
+                    while pending:
+                        done = pending.pop(0).result()
+                        _report(progress, done, n)
+                finally:
+                    for job in pending:
+                        job.cancel()
     image = sitk.GetImageFromArray(out, isVector=rgb)
     del out, out_canonical, out_planes  # the image holds its own copy
     image.CopyInformation(grid_image)
     return image
+
+
+def host_threads_for(backend: FusionBackend) -> int:
+    """Host threads around ``backend``'s network: 1 when it runs on the CPU (its worker threads
+    need the cores), up to 8 (leaving one core) when it runs on a GPU."""
+    if not str(getattr(backend, "device", "cpu")).startswith("cuda"):
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _report(progress: ProgressFn | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def _finish_in_order(finish_batch, batch: tuple, progress: ProgressFn | None, total: int) -> None:
+    start, stop, colour, busy, job = batch
+    finish_batch(start, stop, colour, busy, job.result() if job is not None else None)
+    _report(progress, stop, total)
 
 
 def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", model: str | Path | None = None,

@@ -497,3 +497,40 @@ def test_resampled_voxels_outside_the_field_of_view_are_the_background():
     assert np.isfinite(other).all()
     outside = np.isnan(prepared.other_voxels)
     np.testing.assert_allclose(other[outside], 0.1)  # (1 - 0) / (10 - 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# host threads: beside a GPU network the batches are prepared and finished on several threads
+
+
+class _GpuLikeMean:
+    """A stand-in network 'on a GPU' (device cuda): the mean of its inputs, with a delay."""
+
+    name, device, preferred_batch, task = "fake", "cuda", 2, "pet-mri"
+
+    def __call__(self, mri, other):
+        import time
+
+        time.sleep(0.002)
+        return (np.asarray(mri, np.float32) + np.asarray(other, np.float32)) / 2
+
+    def describe(self):
+        return "fake on cuda"
+
+
+def test_host_threads_beside_a_gpu_give_the_same_volume_progress_in_order_and_cancel():
+    from LightFusionLib.fusion import fuse_prepared, host_threads_for
+
+    mri, pet = pair()
+    backend = _GpuLikeMean()
+    assert host_threads_for(backend) >= 1 and host_threads_for(placeholder()) == 1
+    prepared = prepare_pair(mri, pet, "pet-mri", check_alignment=False)
+    one = sitk.GetArrayFromImage(fuse_prepared(prepared, backend, host_threads=1, plane_size=32))
+    seen = []
+    many = fuse_prepared(prepared, backend, host_threads=3, plane_size=32, progress=lambda d, t: seen.append((d, t)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(many), one)
+    n = seen[-1][1]
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == n
+    calls = []
+    with pytest.raises(FusionCancelled, match="cancelled after"):
+        fuse_prepared(prepared, backend, host_threads=3, plane_size=32, cancel=lambda: len(calls) > 2 or calls.append(1))
