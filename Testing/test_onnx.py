@@ -34,3 +34,15 @@ def test_onnx_task_is_checked(exported):
 def test_export_refuses_bad_output(tmp_path, capsys):
     assert main(["export-onnx", "--task", "pet-mri", "-o", str(tmp_path / "x.txt")]) == 2
     assert ".onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["pet-mri", "spect-mri", "ct-mri"])
+def test_shipped_onnx_model_is_the_export_of_the_shipped_pt(task):
+    """A retrained .pt shipped with a stale .onnx would make the CPU default run another model."""
+    from LightFusionLib.models import shipped_model_path
+
+    rng = np.random.default_rng(1)
+    mri, other = rng.random((2, 96, 80), np.float32), rng.random((2, 96, 80), np.float32)
+    torch_out = load_backend(shipped_model_path(task, ".pt"), task, "torch", "cpu")(mri, other)
+    onnx_out = load_backend(shipped_model_path(task, ".onnx"), task, "onnx", "cpu")(mri, other)
+    assert np.abs(torch_out - onnx_out).max() < 1e-5

@@ -57,6 +57,9 @@ VARIANTS: dict[str, dict] = {
     "batch16-lr2e-3": {"batch_size": 16, "lr": 2e-3},
     "crop128": {"crop": 128, "epochs": 8, "only": ["spect-mri"]},  # about the pixels of 20 epochs at 64
     "all-tasks": {"all_tasks": True},
+    # all-tasks takes 3x the steps of an epoch of one task: the same steps with one task's pairs
+    "base-60-epochs": {"epochs": 60, "only": ["pet-mri"]},
+    "signed-gradient+all-tasks": {"gradient_term": "signed", "all_tasks": True, "only": ["pet-mri"]},
 }
 METRICS = ["EN", "SD", "SF", "AG", "MI", "SCD", "CC", "Qabf", "SSIM", "VIF", "PSNR"]
 ANCHOR_METRICS = ["EN", "SD", "SF", "MI", "SCD", "Qabf", "VIF"]  # SSIM left out (ANCHORS.md)
@@ -100,7 +103,7 @@ def train_config(task: str, val_cases: list[str], variant: dict, out: Path, epoc
                  for t in FOLDS if t != task}
     return TrainConfig(
         data=DATA, task=task, out=out, epochs=variant.get("epochs", epochs), batch_size=variant.get("batch_size", 4),
-        crop=variant.get("crop", 64), lr=variant.get("lr", 1e-3), seed=0, val_cases=val_cases,
+        crop=variant.get("crop", 64), lr=variant.get("lr", 1e-3), seed=0, val_cases=val_cases,  # 1e-3, step: the recipe before the study
         loss_weights=w, force=True, progress=False, threads=1, val_every=1000,
         schedule=variant.get("schedule", "step"), rotate=variant.get("rotate", False),
         jitter=variant.get("jitter", 0.0), extra_tasks=extra,
@@ -165,12 +168,12 @@ def run_jobs(jobs: list[dict], workers: int) -> None:
 
 
 # Stage 1b: the current recipe and the screening's best on PET-MRI's other folds.
-FOLD_VARIANTS: dict[str, dict] = {"base": VARIANTS["base"]}
+FOLD_VARIANTS: dict[str, dict] = {"base": VARIANTS["base"], "lr3e-3-cosine": VARIANTS["lr3e-3-cosine"]}
 
 # Stage 2: the current recipe and the chosen one (from the screening), full length: 100 epochs
 # (CT-MRI 200, as the current recipe found), on the first fold of each task.
 CONFIRM_EPOCHS = 100
-CONFIRM: dict[str, dict] = {"base": {}}
+CONFIRM: dict[str, dict] = {"base": {}, "lr3e-3-cosine": VARIANTS["lr3e-3-cosine"]}
 CONFIRM_EPOCHS_BY_TASK = {"ct-mri": 200}
 
 
