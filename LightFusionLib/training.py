@@ -9,6 +9,7 @@ continues exactly where it stopped; on CPU a fixed seed reproduces the same weig
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,12 +121,19 @@ def _ssim_window(cfg: TrainConfig) -> int:
     return (cfg.loss_weights or LOSS_PRESETS[get_task(check_task(cfg.task)).loss_preset]).ssim_window
 
 
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) as a fraction of ``cfg.lr``: cosine from 1 to 0 over
+    ``cfg.epochs``, or x ``lr_gamma`` every ``lr_step`` epochs. A closed form, so a run resumed with
+    more epochs than it started with follows the longer run's schedule exactly."""
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch, cfg.epochs) / cfg.epochs))
+    return cfg.lr_gamma ** (epoch // cfg.lr_step)
+
+
 def _make_scheduler(cfg: TrainConfig, optimizer):
     import torch
 
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch))
 
 
 def load_training_images(cfg: TrainConfig, task: str) -> tuple[np.ndarray, np.ndarray, list, list]:
@@ -189,6 +197,9 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler = _make_scheduler(cfg, optimizer)
         scheduler.load_state_dict(state["scheduler"])
+        # The lr of the next epoch from this run's schedule (its epochs may differ from the first run's)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * lr_factor(cfg, state["epoch"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["seconds"]

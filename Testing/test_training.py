@@ -140,3 +140,16 @@ def test_study_options_from_the_command_line(tmp_path, data, capsys):
     assert main(["train", "--data", str(data), "--task", "pet-mri", "--out", str(tmp_path / "x.pt"),
                  "--ssim-window", "8", "--device", "cpu"]) == 2
     assert "SSIM window must be odd" in capsys.readouterr().err
+
+
+def test_a_cosine_run_resumed_with_more_epochs_follows_the_longer_schedule(tmp_path, data):
+    """The cosine schedule depends on the run's length: a checkpoint of a 1-epoch run resumed to 3 epochs
+    must give the 3-epoch run's weights (the recursive CosineAnnealingLR resumed at lr 0 instead)."""
+    train(config(tmp_path, "full.pt", epochs=3, schedule="cosine"))
+    train(config(tmp_path, "part.pt", epochs=1, schedule="cosine"))
+    train(config(tmp_path, "part.pt", epochs=3, schedule="cosine", resume=checkpoint_path(tmp_path / "part.pt")))
+    assert same(weights(tmp_path / "full.pt"), weights(tmp_path / "part.pt"))
+    with open(log_path(tmp_path / "part.pt")) as fh:
+        lrs = [float(r["lr"]) for r in csv.DictReader(fh)]
+    # the lr set after each epoch: the 1-epoch run's own end (0), then the 3-epoch schedule's
+    assert lrs == pytest.approx([0.0, 3e-3 * 0.25, 0.0], abs=1e-12)

@@ -282,12 +282,22 @@ def test_colour_of_a_scalar_pet_is_carried_exactly():
     mri, pet = pair(shape=(4, 10, 9))
     p = prepare_pair(mri, pet)
     assert p.colormap == "harvard-pet"
-    fused = fuse_volumes(mri, pet, backend=placeholder(), plane_size=None)
+    # a network-free fusion (the mean of the inputs): how many voxels clip depends on the network's
+    # luma, not on the colour path under test
+    from stand_ins import MeanBackend
+
+    fused = fuse_volumes(mri, pet, backend=MeanBackend(), plane_size=None)
     out = sitk.GetArrayFromImage(to_canonical(fused))  # the pair's arrays are canonical
     coloured = apply_colormap(p.other, p.lut)
     error, n = _unclipped_uv_error(out, coloured)
-    assert n > 0.3 * out[..., 0].size
+    assert n > 0.1 * out[..., 0].size  # this map has many channels at 0 (black, blues): those are left out
     assert error < 0.7  # uint8 rounding of R, G, B moves U by at most 0.44 and V by at most 0.62
+    # and every voxel is the source's colour under the fused luma, (MRI + PET luma) / 2 here
+    from LightFusionLib.colour import luma, replace_luma
+
+    fused_y = np.clip((p.mri + luma(coloured) / 255) / 2, 0, 1) * 255
+    expected = replace_luma(coloured, fused_y, luma(coloured)).astype(int)
+    assert np.abs(out.astype(int) - expected).max() <= 1
 
 
 def test_an_rgb_pet_volume_is_used_as_is():
