@@ -12,7 +12,8 @@ once); SPECT-MRI and CT-MRI use the model card's fixed validation cases.
     python scripts/quality_study.py table    # markdown tables of everything done so far
 
 Results go to runs/study/results.jsonl, one line per (stage, variant, task, fold); a line that is
-already there is not run again, so a killed study continues where it stopped. ``--workers`` runs
+already there is not run again, so a killed study continues where it stopped. The results behind the
+model card are kept in scripts/quality_study_results.jsonl: ``table --results`` that file prints its tables. ``--workers`` runs
 that many single-thread trainings at once (2 on this 2-core CPU keeps both cores busy; one
 training's data pipeline is in-memory crops that take under 1% of an epoch).
 """
@@ -262,7 +263,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--variants", help="comma-separated subset of the variants")
     parser.add_argument("--tasks", help="comma-separated subset of the tasks")
+    parser.add_argument("--results", help="results file to read and extend (default runs/study/results.jsonl)")
     args = parser.parse_args()
+    if args.results:
+        global RESULTS
+        RESULTS = Path(args.results)
     tasks = args.tasks.split(",") if args.tasks else list(FOLDS)
     if args.stage == "table":
         for stage in ("screen", "folds", "confirm"):
