@@ -103,6 +103,19 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="fp16 inference on a CUDA GPU with torch (within 1 grey level of fp32)")
 
 
+def _add_fused_volume_args(p: argparse.ArgumentParser, mri_window_help: str, other_window_help: str,
+                           colour_where: str) -> None:
+    """The options of ``fuse`` and ``batch`` that decide the fused volume: windows, plane size, colour,
+    compression, and --quiet."""
+    p.add_argument("--mri-window", type=_window, metavar="LO,HI", help=mri_window_help)
+    p.add_argument("--other-window", type=_window, metavar="LO,HI", help=other_window_help)
+    p.add_argument("--plane-size", type=int, default=256,
+                   help="planes run at N x N (aspect kept, padded); 0 = native size (default 256)")
+    _add_colour_arg(p, colour_where)
+    _add_compress_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_compress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", action="store_true",
                    help="zlib-compress .nrrd/.mha outputs (smaller files, a slower write: 512x512x400 RGB "
@@ -428,14 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colormap", type=_colormap, help="colour map for scalar PET/SPECT: harvard-pet (PET default), "
                                       "harvard-spect (SPECT default), hot, jet; 'none' for grayscale output")
     p.add_argument("--batch-size", type=int, help="planes per network call (default: the backend's choice)")
-    p.add_argument("--mri-window", type=_window, metavar="LO,HI", help="MRI intensity window (default: robust percentiles)")
-    p.add_argument("--other-window", type=_window, metavar="LO,HI",
-                   help="PET/SPECT/CT window in its units (default: percentiles; CT in HU: 0,80)")
-    p.add_argument("--plane-size", type=int, default=256,
-                   help="planes run at N x N (aspect kept, padded); 0 = native size (default 256)")
-    _add_colour_arg(p, "of the fused volume")
-    _add_compress_arg(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_fused_volume_args(p, "MRI intensity window (default: robust percentiles)",
+                           "PET/SPECT/CT window in its units (default: percentiles; CT in HU: 0,80)", "of the fused volume")
     _add_register_args(p)
     _add_backend_args(p)
     p.set_defaults(func=_cmd_fuse)
@@ -487,15 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", default="none", choices=["none", "rigid", "affine"],
                    help="register each other volume to its MRI first (default none: already aligned)")
     p.add_argument("--batch-size", type=_positive_int, help="planes per network call (default: the backend's choice)")
-    p.add_argument("--mri-window", type=_window, metavar="LO,HI",
-                   help="MRI intensity window for every case (default: each volume's robust percentiles)")
-    p.add_argument("--other-window", type=_window, metavar="LO,HI",
-                   help="PET/SPECT/CT window for every case, in its units (default: each volume's own)")
-    p.add_argument("--plane-size", type=int, default=256,
-                   help="planes run at N x N (aspect kept, padded); 0 = native size (default 256)")
-    _add_colour_arg(p, "of the fused volumes")
-    _add_compress_arg(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_fused_volume_args(p, "MRI intensity window for every case (default: each volume's robust percentiles)",
+                           "PET/SPECT/CT window for every case, in its units (default: each volume's own)",
+                           "of the fused volumes")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_batch)
 

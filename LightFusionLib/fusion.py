@@ -159,7 +159,7 @@ class PreparedPair:
         """Other voxels (from :attr:`other_voxels`) -> what the network's source is made of: float32
         [0, 1] (windowed scalar, or an RGB's luma with colormap 'none') or uint8 (..., 3) RGB."""
         values = np.array(voxels, np.float32)
-        if np.issubdtype(self.other_voxels.dtype, np.floating):
+        if self.coverage < 1.0:  # only a resampled volume that does not cover the grid holds NaN
             np.copyto(values, np.float32(self.other_background), where=np.isnan(values))
         if values.ndim == 4 and not self.rgb_as_grey:
             return np.clip(np.rint(values), 0, 255).astype(np.uint8)
@@ -464,7 +464,7 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
                     for job in pending:
                         job.cancel()
     image = sitk.GetImageFromArray(out, isVector=rgb)
-    del out, out_canonical, out_planes  # the image holds its own copy
+    out = out_canonical = out_planes = None  # the image holds its own copy: let the array go
     image.CopyInformation(grid_image)
     return image
 

@@ -76,16 +76,6 @@ def to_canonical(image: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(image, CANONICAL)
 
 
-def from_canonical(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Inverse of :func:`to_canonical`: ``image`` (on ``to_canonical(reference)``'s grid) re-stored
-    on ``reference``'s grid, with ``reference``'s geometry copied exactly."""
-    out = image if orientation_of(reference) == CANONICAL else sitk.DICOMOrient(image, orientation_of(reference))
-    if out.GetSize() != reference.GetSize():  # cannot happen for a permutation; a bug if it does
-        raise RuntimeError(f"re-orientation changed the grid: {out.GetSize()} vs {reference.GetSize()}")
-    out.CopyInformation(reference)
-    return out
-
-
 def slicing_axis(image: sitk.Image, axis: str) -> int:
     """SimpleITK index axis (0=i, 1=j, 2=k) that steps between ``axis`` planes.
 
