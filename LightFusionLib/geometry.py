@@ -428,16 +428,24 @@ class PlaneGrid:
         if vector:  # (N, H, W, C) -> (N*C, H, W): each channel is a plane
             n, c = stack.shape[0], stack.shape[3]
             stack = np.ascontiguousarray(np.moveaxis(stack, 3, 1)).reshape(n * c, *stack.shape[1:3])
+        def both_axes(part: np.ndarray) -> np.ndarray:
+            if x_axis.m >= x_axis.n:
+                return y_axis.along_rows(x_axis.along_last(part))
+            # Shrinking along x, a product with a thin banded block on the right (many input
+            # columns, 32 outputs) runs at a fraction of BLAS's speed: rows first, then the x axis
+            # as rows of the transposed, already halved stack (512 -> 256: 1.8 ms a plane, not 3.6).
+            rows_done = np.ascontiguousarray(y_axis.along_rows(part).transpose(0, 2, 1))
+            return np.ascontiguousarray(x_axis.along_rows(rows_done).transpose(0, 2, 1))
+
         with _one_blas_thread():
             if self.threads == 1 or len(stack) < 2:
-                out = y_axis.along_rows(x_axis.along_last(stack))
+                out = both_axes(stack)
             else:  # runs of planes on several threads (BLAS releases the GIL); each plane as alone
                 from concurrent.futures import ThreadPoolExecutor
 
                 bounds = np.linspace(0, len(stack), min(self.threads, len(stack)) + 1).astype(int)
                 with ThreadPoolExecutor(len(bounds) - 1, thread_name_prefix="lightfusion-planes") as pool:
-                    parts = pool.map(lambda ab: y_axis.along_rows(x_axis.along_last(stack[ab[0]:ab[1]])),
-                                     zip(bounds[:-1], bounds[1:]))
+                    parts = pool.map(lambda ab: both_axes(stack[ab[0]:ab[1]]), zip(bounds[:-1], bounds[1:]))
                     out = np.concatenate(list(parts))
         if vector:
             out = np.ascontiguousarray(np.moveaxis(out.reshape(n, c, *out.shape[1:]), 1, 3))
