@@ -56,7 +56,8 @@ from .fileio import same_path
 from .geometry import (NET_SIZE, PlaneGrid, canonical_view, check_axis, describe_bounds, resample_onto, slicing_axis,
                        to_canonical)
 from .tasks import MRI_DICOM_MODALITIES, Task, get_task
-from .volumeio import check_output_format, check_output_path, check_volume, read_volume, write_volume
+from .volumeio import (check_output_format, check_output_path, check_volume, new_image_and_voxels, read_volume,
+                       write_volume)
 from .windows import apply_window, check_window, looks_like_hu, robust_window, voxel_sample
 
 log = logging.getLogger(__name__)
@@ -378,7 +379,8 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
     # The result is made in the MRI's own storage order, written through a canonical view of it:
     # no re-orientation copy at the end.
     grid_image = pair.mri_grid if pair.mri_grid is not None else ref
-    out = np.zeros(grid_image.GetSize()[::-1] + ((3,) if rgb else ()), np.uint8)
+    # The planes are stored straight into the result image's voxels (no copy into an image at the end).
+    image, out = new_image_and_voxels(grid_image, sitk.sitkVectorUInt8 if rgb else sitk.sitkUInt8, 3 if rgb else 1)
     out_canonical = canonical_view(out, grid_image) if pair.mri_grid is not None else out
     out_planes = np.moveaxis(out_canonical, np_axis, 0)
     chunk = int(batch_size or getattr(backend, "preferred_batch", 4))
@@ -463,9 +465,7 @@ def fuse_prepared(pair: PreparedPair, backend: FusionBackend, axis: str = "axial
                 finally:
                     for job in pending:
                         job.cancel()
-    image = sitk.GetImageFromArray(out, isVector=rgb)
-    out = out_canonical = out_planes = None  # the image holds its own copy: let the array go
-    image.CopyInformation(grid_image)
+    out = out_canonical = out_planes = None  # views of the image's buffer: none may outlive this call
     return image
 
 

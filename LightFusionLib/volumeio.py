@@ -117,6 +117,23 @@ def check_volume(image: sitk.Image, role: str = "volume", allow_rgb: bool = Fals
     return image
 
 
+def new_image_and_voxels(like: sitk.Image, pixel_id: int, components: int = 1) -> tuple[sitk.Image, np.ndarray]:
+    """A zero-filled image on ``like``'s grid and a writable numpy view of its voxels: (K, J, I)
+    or (K, J, I, components) for a vector ``pixel_id``. Filling the view fills the image, with no
+    ``GetImageFromArray`` copy at the end (on a 512x512x400 RGB result that copy is 0.3 GB and
+    0.3-0.9 s). SimpleITK's own array view is read-only, so the view is made on the image's
+    buffer address; it is valid while the image lives and is not replaced by a copy: keep the
+    image, write through the view, then use the image."""
+    import ctypes
+
+    image = sitk.Image(like.GetSize(), pixel_id, components) if components > 1 else sitk.Image(like.GetSize(), pixel_id)
+    image.CopyInformation(like)
+    read_only = sitk.GetArrayViewFromImage(image)  # also makes the buffer the image's own (MakeUnique)
+    buffer = (ctypes.c_char * read_only.nbytes).from_address(read_only.__array_interface__["data"][0])
+    voxels = np.frombuffer(buffer, read_only.dtype).reshape(read_only.shape)
+    return image, voxels
+
+
 def _extension(path: Path) -> str:
     suffixes = path.suffixes
     return "".join(suffixes[-2:]) if len(suffixes) >= 2 and suffixes[-1].lower() == ".gz" else path.suffix

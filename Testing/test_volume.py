@@ -544,3 +544,20 @@ def test_host_threads_beside_a_gpu_give_the_same_volume_progress_in_order_and_ca
     calls = []
     with pytest.raises(FusionCancelled, match="cancelled after"):
         fuse_prepared(prepared, backend, host_threads=3, plane_size=32, cancel=lambda: len(calls) > 2 or calls.append(1))
+
+
+def test_new_image_and_voxels_writes_land_in_the_image_on_the_given_grid():
+    from LightFusionLib.volumeio import new_image_and_voxels
+
+    like = sitk.Image([5, 4, 3], sitk.sitkInt16)
+    like.SetSpacing((0.5, 2.0, 3.0))
+    like.SetOrigin((4.0, -5.0, 6.0))
+    like.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+    rgb, voxels = new_image_and_voxels(like, sitk.sitkVectorUInt8, 3)
+    assert voxels.shape == (3, 4, 5, 3) and voxels.dtype == np.uint8 and not voxels.any()
+    voxels[2, 1, 4] = (10, 20, 30)
+    assert rgb.GetPixel(4, 1, 2) == (10, 20, 30)
+    assert rgb.GetSpacing() == like.GetSpacing() and rgb.GetDirection() == like.GetDirection()
+    grey, voxels = new_image_and_voxels(like, sitk.sitkUInt8)
+    voxels[...] = 7
+    assert grey.GetPixelID() == sitk.sitkUInt8 and sitk.GetArrayViewFromImage(grey).min() == 7
