@@ -154,7 +154,7 @@ def _choiceLabel(value: str) -> str:
         "default": _("Task default"), "harvard-pet": _("Harvard PET"), "harvard-spect": _("Harvard SPECT"),
         "hot": _("Hot"), "jet": _("Jet"), "none": _("None (grayscale fusion)"),
         "axial": _("Axial"), "coronal": _("Coronal"), "sagittal": _("Sagittal"),
-        "auto": _("Auto"), "torch": _("PyTorch"), "onnx": _("ONNX Runtime"), "cpu": _("CPU"), "cuda": _("CUDA GPU"),
+        "auto": _("Auto"), "torch": _("PyTorch"), "onnx": _("ONNX Runtime"), "openvino": _("OpenVINO"), "cpu": _("CPU"), "cuda": _("CUDA GPU"),
         "rigid": _("Rigid"), "affine": _("Affine"),
         "yuv": _("Plain YUV (paper)"), "saturated": _("Keep saturation"),
     }.get(value) or (get_task(value).label if value in TASK_NAMES  # a new task shows its own label until translated
@@ -208,10 +208,8 @@ class SliceAxis(_LabelledChoice, enum.Enum):
     SAGITTAL = "sagittal"
 
 
-class Backend(_LabelledChoice, enum.Enum):
-    AUTO = "auto"
-    TORCH = "torch"
-    ONNX = "onnx"
+# Inference backends: the library's (LightFusionLib.backends.BACKENDS), never a copy of them.
+Backend = enum.Enum("Backend", [(name.upper(), name) for name in _logic.BACKENDS], type=_LabelledChoice)
 
 
 class Device(_LabelledChoice, enum.Enum):

@@ -31,15 +31,9 @@ def load_average() -> float:
 
 def machine_info() -> dict:
     """CPU model, logical CPUs, torch/onnxruntime/openvino versions, GPU name (if any), load."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    from .backends import cpu_model
+
+    info = {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
     if is_installed("torch"):
         import torch
 
@@ -89,13 +83,10 @@ def slices_per_second(backend, batch: int, seconds: float = 3.0, size: int = 256
 
 
 def _available_backends(backend: str, device: str) -> list[tuple[str, str]]:
-    """(backend, device) pairs to measure: every installed one for 'auto', OpenVINO on the CPU
-    included (measured beside ONNX Runtime; it is not one of the fuse backends)."""
+    """(backend, device) pairs to measure: every installed one for 'auto' (OpenVINO included
+    where installed), else the one asked for."""
     from .backends import BACKENDS, choose_backend
 
-    openvino = [("openvino", "cpu")] if is_installed("openvino") and device in ("auto", "cpu") else []
-    if backend == "openvino":
-        return openvino or [choose_backend(backend, device)]  # not installed: choose_backend says so
     if backend != "auto":
         return [choose_backend(backend, device)]
     found = []
@@ -107,15 +98,12 @@ def _available_backends(backend: str, device: str) -> list[tuple[str, str]]:
                 continue
             if pair not in found:
                 found.append(pair)
-    return found + openvino
+    return found
 
 
 def _load_engine(task: str, name: str, device: str, half: bool):
-    from .backends import OpenVinoBackend, load_backend
-    from .models import shipped_model_path
+    from .backends import load_backend
 
-    if name == "openvino":
-        return OpenVinoBackend(task, shipped_model_path(task, ".onnx"), device)
     return load_backend(None, task, name, device, half=half)
 
 
@@ -257,25 +245,21 @@ def volume_benchmark(task: str, backend: str, device: str, shape=(256, 256, 256)
     """End-to-end ``lightfusion fuse`` of a synthetic PET/MRI pair of ``shape`` (x, y, z) in a
     subprocess: wall seconds (read, resample, fuse, write; process start and model load included)
     and peak RSS; with ``engine`` (a loaded backend) also the in-process stages (:func:`warm_stages`),
-    as ``stages`` and, summed the way earlier reports had them, ``warm``. A backend ``fuse`` does
-    not offer (openvino) gets the in-process stages only."""
-    from .backends import BACKENDS
-
+    as ``stages`` and, summed the way earlier reports had them, ``warm``."""
     with tempfile.TemporaryDirectory() as tmp:
         mri_path, pet_path = synthetic_pair(tuple(shape), Path(tmp))
         result = {"shape": list(shape), "seconds": None, "peak_rss_mb": None, "load_1min_before": load_average()}
-        if backend in BACKENDS:
-            args = ["fuse", str(mri_path), str(pet_path), "-o", f"{tmp}/fused.nrrd", "--task", task,
-                    "--backend", backend, "--device", device, "--quiet"] + (["--half"] if half else [])
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", _FUSE_REPORTING_PEAK, *args], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
-            seconds = time.perf_counter() - t0
-            lines = proc.stderr.strip().splitlines()
-            if proc.returncode != 0 or not lines or not lines[-1].startswith("peak_rss_kb="):
-                raise RuntimeError(f"volume benchmark failed: {lines[-2:]}")
-            result["seconds"] = round(seconds, 3)
-            result["peak_rss_mb"] = round(int(lines[-1].split("=")[1]) / 1024, 1)
+        args = ["fuse", str(mri_path), str(pet_path), "-o", f"{tmp}/fused.nrrd", "--task", task,
+                "--backend", backend, "--device", device, "--quiet"] + (["--half"] if half else [])
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _FUSE_REPORTING_PEAK, *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - t0
+        lines = proc.stderr.strip().splitlines()
+        if proc.returncode != 0 or not lines or not lines[-1].startswith("peak_rss_kb="):
+            raise RuntimeError(f"volume benchmark failed: {lines[-2:]}")
+        result["seconds"] = round(seconds, 3)
+        result["peak_rss_mb"] = round(int(lines[-1].split("=")[1]) / 1024, 1)
         if engine is not None:
             stages = warm_stages(engine, mri_path, pet_path, Path(tmp, "warm.nrrd"), task)
             result["stages"] = stages

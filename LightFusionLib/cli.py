@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
+from .backends import BACKENDS, DEVICES
 from .colormaps import COLORMAPS, NONE
 from .colour import COLOUR_MODES
 from .errors import FusionCancelled, LightFusionError
@@ -95,9 +96,10 @@ def _colormap(text: str) -> str:
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
-                   help="inference backend (auto: torch on CUDA, else ONNX Runtime on CPU if installed, else torch)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="inference backend (auto: torch on CUDA, else the faster of ONNX Runtime and OpenVINO on "
+                        "the CPU, measured once per machine, else torch; openvino: the optional extra)")
+    p.add_argument("--device", default="auto", choices=list(DEVICES),
                    help="where the network runs (auto: a CUDA GPU when the backend sees one, else the CPU)")
     p.add_argument("--half", action="store_true",
                    help="fp16 inference on a CUDA GPU with torch (within 1 grey level of fp32)")

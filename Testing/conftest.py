@@ -1,6 +1,22 @@
 """Shared pytest fixtures."""
+import os
+
 import numpy as np
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_folder(tmp_path_factory):
+    """The CPU runtime that ``auto`` picks is measured once per machine and remembered under
+    $XDG_CACHE_HOME (LightFusionLib.backends.faster_cpu_runtime): the suite measures in a folder of
+    its own (inherited by the CLI subprocesses), never reading or writing the user's."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
 
 
 @pytest.fixture

@@ -149,7 +149,7 @@ def _data(tmp: Path) -> Path:
 USER_ERRORS = [
     ("fuse: .onnx model on torch", lambda t: ["fuse", t / "a.nrrd", t / "b.nrrd", "-o", t / "x.nrrd",
                                               "--model", t / "m.onnx", "--backend", "torch"],
-     "lightfusion fuse: error: model", "runs on the onnx backend, not torch"),
+     "lightfusion fuse: error: model", "runs on the onnx or openvino backend, not torch"),
     ("evaluate: .pt model on onnx", lambda t: ["evaluate", "--data", _data(t), "--task", "pet-mri",
                                                "--model", models_dir() / "pet-mri.pt", "--backend", "onnx"],
      "lightfusion evaluate: error: backend 'onnx' needs an .onnx model", "export-onnx"),

@@ -481,11 +481,14 @@ def test_expected_output_class_and_missing_package_rules(monkeypatch):
     assert lf_logic.expectedOutputClass("spect-mri", "hot") == "vtkMRMLVectorVolumeNode"
     assert lf_logic.expectedOutputClass("pet-mri", "none") == "vtkMRMLScalarVolumeNode"
     assert lf_logic.expectedOutputClass("ct-mri", None) == "vtkMRMLScalarVolumeNode"
-    installed = {"torch": False, "onnxruntime": True}
+    installed = {"torch": False, "onnxruntime": True, "openvino": False}
     monkeypatch.setattr(lf_logic, "isInstalled", lambda name: installed[name])
     assert lf_logic.missingPackage("auto") is None
     assert lf_logic.missingPackage("torch") == "torch"
     assert lf_logic.missingPackage("onnx") is None
+    # OpenVINO is optional: asked for, it is the package to install (not in requirements.txt)
+    assert lf_logic.missingPackage("openvino") == "openvino"
+    assert lf_logic.requirementFor("openvino") == "openvino"
     installed["onnxruntime"] = False
     # nothing installed: 'auto' offers the module's requirements.txt (ONNX Runtime, small, CPU);
     # PyTorch only when asked for (backend 'torch')

@@ -13,13 +13,14 @@ pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[1]
 ONNX = REPO / "LightFusionLib" / "Resources" / "Models" / "pet-mri.onnx"
 
-# Make `import torch` fail the way it does where torch is not installed.
+# The light install (no extras): make `import torch` and `import openvino` fail the way they do
+# where they are not installed.
 BLOCK_TORCH = """
 import sys
 class _NoTorch:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError("No module named 'torch'")
+        if name.split(".")[0] in ("torch", "openvino"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
 sys.meta_path.insert(0, _NoTorch())
 """
 

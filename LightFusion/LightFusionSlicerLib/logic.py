@@ -131,15 +131,18 @@ def requirementFor(package: str) -> str:
 def missingPackage(backend: str = "auto") -> str | None:
     """The package to install before fusing with ``backend``, or None.
 
-    'auto' needs torch or onnxruntime; when neither is there it offers onnxruntime, the module's
-    requirements.txt (small, CPU). 'torch' needs torch (offered through the PyTorch extension);
-    'onnx' needs onnxruntime.
+    'auto' needs torch, onnxruntime or openvino; when none is there it offers onnxruntime, the
+    module's requirements.txt (small, CPU). 'torch' needs torch (offered through the PyTorch
+    extension); 'onnx' needs onnxruntime; 'openvino' needs openvino (optional: faster than ONNX
+    Runtime on some CPUs, see LightFusionLib.backends.faster_cpu_runtime).
     """
     if backend == "torch":
         return None if isInstalled("torch") else "torch"
     if backend == "onnx":
         return None if isInstalled("onnxruntime") else "onnxruntime"
-    return None if (isInstalled("torch") or isInstalled("onnxruntime")) else "onnxruntime"
+    if backend == "openvino":
+        return None if isInstalled("openvino") else "openvino"
+    return None if any(isInstalled(p) for p in ("torch", "onnxruntime", "openvino")) else "onnxruntime"
 
 
 def gpuName() -> str | None:
