@@ -52,9 +52,22 @@ def is_installed(module: str) -> bool:
         return False
 
 
+def cuda_driver_present() -> bool:
+    """Is an NVIDIA driver installed at all (its kernel module on Linux, its CUDA library)? Without
+    one no runtime can see a CUDA GPU; asking torch costs its import, about 1.3 s on a CPU machine."""
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux") and Path("/proc/driver/nvidia/version").exists():
+        return True
+    if sys.platform == "darwin":
+        return False
+    return ctypes.util.find_library("nvcuda" if sys.platform == "win32" else "cuda") is not None
+
+
 def cuda_available() -> bool:
-    """True when torch sees a CUDA GPU (False when torch is not installed)."""
-    if not is_installed("torch"):
+    """True when torch sees a CUDA GPU (False when torch is not installed or there is no NVIDIA driver)."""
+    if not is_installed("torch") or not cuda_driver_present():
         return False
     import torch
 

@@ -75,3 +75,15 @@ def test_fuse_with_openvino_matches_onnx_runtime_to_a_grey_level(tmp_path):
         outputs[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(int)
     difference = np.abs(outputs["openvino"] - outputs["onnx"])
     assert outputs["onnx"].std() > 10 and difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_auto_on_a_machine_without_an_nvidia_driver_does_not_import_torch():
+    pytest.importorskip("torch")
+    if backends.cuda_driver_present():
+        pytest.skip("an NVIDIA driver is installed here")
+    code = ("import sys; from LightFusionLib.backends import choose_backend, cuda_available; "
+            "print(choose_backend('auto', 'auto'), cuda_available(), 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    # the GPU question answered without importing torch (about 1.3 s on every fuse before)
+    assert proc.stdout.split(")")[1].split() == ["False", "False"]
