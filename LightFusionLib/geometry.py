@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import threading
 
 import numpy as np
@@ -106,6 +107,10 @@ def resample_onto(reference: sitk.Image, moving: sitk.Image, transform: sitk.Tra
         moving_f = sitk.Cast(moving, float_type)
         moving_f.CopyInformation(reference)
         return moving_f, 1.0
+    if mark_outside and transform is None:
+        aligned = _resample_axis_aligned(reference, moving)
+        if aligned is not None:
+            return aligned
     transform = transform or sitk.Transform()
     moving_f = sitk.Cast(moving, float_type) if moving.GetPixelID() != float_type else moving
     if mark_outside:
@@ -123,6 +128,65 @@ def resample_onto(reference: sitk.Image, moving: sitk.Image, transform: sitk.Tra
     inside = sitk.Resample(ones, reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     coverage = float(np.count_nonzero(sitk.GetArrayViewFromImage(inside))) / np.prod(reference.GetSize())
     return out, coverage
+
+
+_SAME_DIRECTION = 1e-7  # direction cosines this close count as the same (DICOM stores them to 6+ decimals)
+
+
+def _resample_axis_aligned(reference: sitk.Image, moving: sitk.Image) -> tuple[sitk.Image, float] | None:
+    """What ``resample_onto(reference, moving, mark_outside=True)`` returns, for a scalar ``moving``
+    whose direction cosines are ``reference``'s (no transform): the usual PET/SPECT and MRI from one
+    scanner or one template space. Its index axes then map one to one onto the reference's, each
+    by a scale and a shift, so SimpleITK's linear resampling is one banded matrix per axis (its
+    weights, its edge rule and its field of view, [-0.5, n - 0.5) in continuous index), applied
+    with BLAS on 2 threads and written straight into the result image: a 2 mm PET onto a
+    512x512x400 MRI grid in about 0.4 s, not 1.6 s. None where this does not apply."""
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    if (moving.GetNumberOfComponentsPerPixel() != 1 or reference.GetDimension() != 3 or moving.GetDimension() != 3
+            or np.abs(np.array(moving.GetDirection()).reshape(3, 3) - direction).max() > _SAME_DIRECTION):
+        return None
+    # continuous index in moving = inverse(D * S_moving) (O_reference - O_moving) + (S_reference / S_moving) * index
+    spacing_r, spacing_m = np.array(reference.GetSpacing()), np.array(moving.GetSpacing())
+    start = np.linalg.inv(direction * spacing_m) @ (np.array(reference.GetOrigin()) - np.array(moving.GetOrigin()))
+    axes, inside = [], []
+    for a in range(3):  # SimpleITK index axes i, j, k
+        n_m, n_r = moving.GetSize()[a], reference.GetSize()[a]
+        positions = start[a] + np.arange(n_r) * (spacing_r[a] / spacing_m[a])
+        within = (positions >= -0.5) & (positions < n_m - 0.5)
+        if not within.any():
+            return None  # no overlap: SimpleITK's path reports it
+        axes.append(_BandedAxis(_resampling_matrix(n_m, positions, "linear")))
+        inside.append(within)
+    from .volumeio import new_image_and_voxels  # volumeio imports this module
+
+    image, out = new_image_and_voxels(reference, sitk.sitkFloat32)
+    moving_voxels = np.asarray(sitk.GetArrayViewFromImage(moving), np.float32)
+    along_i, along_j, along_k = axes
+    km, jm, im = moving_voxels.shape
+    with _one_blas_thread():
+        # k first, on the small volume; then j and i per run of output planes, on 2 threads
+        planes = along_k.along_rows(moving_voxels.reshape(1, km, jm * im)).reshape(-1, jm, im)
+        threads = max(1, min(8, os.cpu_count() or 1, len(planes)))
+        bounds = np.linspace(0, len(planes), threads + 1).astype(int)
+
+        def run(a: int, b: int) -> None:
+            along_i.along_last(along_j.along_rows(planes[a:b]), out=out[a:b])
+
+        if threads == 1:
+            run(0, len(planes))
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads, thread_name_prefix="lightfusion-resample") as pool:
+                list(pool.map(run, bounds[:-1], bounds[1:]))
+    # Positions grow along each axis, so the field of view is one run of indices: NaN before and
+    # after it, by slices (a boolean mask on a middle axis took 0.6 s here).
+    for numpy_axis, within in zip((2, 1, 0), inside):
+        first, stop = int(np.argmax(within)), len(within) - int(np.argmax(within[::-1]))
+        for part in (slice(0, first), slice(stop, None)):
+            out[(slice(None),) * numpy_axis + (part,)] = np.nan
+    coverage = float(np.prod([w.mean() for w in inside]))
+    return image, coverage
 
 
 def canonical_view(voxels: np.ndarray, image: sitk.Image) -> np.ndarray:
@@ -287,9 +351,9 @@ class _BandedAxis:
             a, b = int(used[0]), int(used[-1]) + 1
             self.blocks.append((lo, hi, a, b, np.ascontiguousarray(weights[lo:hi, a:b], np.float32)))
 
-    def along_last(self, x: np.ndarray) -> np.ndarray:
-        """(N, R, n) -> (N, R, m)."""
-        out = np.empty(x.shape[:-1] + (self.m,), np.float32)
+    def along_last(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(N, R, n) -> (N, R, m) (into ``out`` when given)."""
+        out = np.empty(x.shape[:-1] + (self.m,), np.float32) if out is None else out
         for lo, hi, a, b, w in self.blocks:
             if w is None:
                 out[..., lo:hi] = 0.0

@@ -17,6 +17,7 @@ from LightFusionLib.models import ModelError
 from LightFusionLib.tasks import TASKS
 from LightFusionLib.errors import FusionCancelled, LightFusionError, VolumeError
 from LightFusionLib.fusion import fuse_files, fuse_volumes, prepare_pair
+from LightFusionLib import geometry
 from LightFusionLib.geometry import PlaneGrid, canonical_view, resample_onto, same_grid, slicing_axis, to_canonical
 from LightFusionLib.volumeio import check_volume
 from LightFusionLib.windows import CT_BRAIN_WINDOW, FUNCTIONAL_TOP_POSITION, robust_window
@@ -132,6 +133,40 @@ def test_resampling_reports_partial_coverage_and_keeps_same_grids_untouched():
     same, coverage = resample_onto(mri, pet)
     assert coverage == 1.0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(same), sitk.GetArrayFromImage(pet))
+
+
+def test_resampling_of_grids_sharing_their_directions_is_simpleitks_to_float_precision():
+    # The axis-aligned path (one banded matrix per index axis) against SimpleITK's own linear
+    # Resample: the same values, the same field of view (NaN outside) and coverage, on grids with
+    # the identity, a flipped, a permuted and an oblique direction, partly overlapping.
+    import math
+
+    rng = np.random.default_rng(1)
+    oblique, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    directions = [np.eye(3), np.diag([1.0, 1.0, -1.0]), np.array([[0, 1, 0], [0, 0, -1], [1, 0, 0.0]]), oblique]
+    fast_path_used = 0
+    for trial in range(24):
+        direction = tuple(directions[trial % 4].ravel())
+        mri = sitk.Image([int(n) for n in rng.integers(5, 40, 3)], sitk.sitkInt16)
+        mri.SetSpacing(tuple(rng.uniform(0.4, 3, 3)))
+        mri.SetOrigin(tuple(rng.uniform(-10, 10, 3)))
+        mri.SetDirection(direction)
+        other = sitk.GetImageFromArray((rng.normal(size=tuple(rng.integers(3, 30, 3))) * 100).astype(np.float32))
+        other.SetSpacing(tuple(rng.uniform(0.4, 4, 3)))
+        other.SetOrigin(tuple(rng.uniform(-15, 15, 3)))
+        other.SetDirection(direction)
+        want = sitk.GetArrayFromImage(sitk.Resample(other, mri, sitk.Transform(), sitk.sitkLinear, math.nan,
+                                                    sitk.sitkFloat32))
+        if np.isnan(want).all():
+            continue
+        fast_path_used += geometry._resample_axis_aligned(mri, other) is not None
+        resampled, coverage = resample_onto(mri, other, mark_outside=True)
+        assert same_grid(resampled, mri)
+        got = sitk.GetArrayViewFromImage(resampled)  # a view: the image must stay alive
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got[~np.isnan(want)], want[~np.isnan(want)], atol=1e-4)
+        assert coverage == pytest.approx(np.mean(~np.isnan(want)), abs=1e-12)
+    assert fast_path_used >= 18
 
 
 def test_volumes_that_do_not_overlap_are_refused():
