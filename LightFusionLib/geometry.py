@@ -430,8 +430,8 @@ class PlaneGrid:
     How: the resampling is what SimpleITK's ``DiscreteGaussian`` + ``Resample`` compute (they ran
     plane by plane before), written as one matrix per axis (the transform is a scale and a shift
     along each axis, so it is separable) and applied with BLAS as banded products on the whole
-    stack. A 512x512 plane on the 2-core test machine: 1.0 ms to 256x256 and 1.7 ms back, against
-    31 and 44 ms with SimpleITK. The values are SimpleITK's to 1e-6 (float32 rounding);
+    stack. A 512x512 plane on the 2-core test machines: 1.0-1.8 ms to 256x256 and 0.6-1.7 ms back,
+    against 31 and 44 ms with SimpleITK. The values are SimpleITK's to 1e-6 (float32 rounding);
     Testing/test_planes.py checks it.
 
     Why B-spline and no smoothing on the way back: the way back samples the plane's own pixel
