@@ -222,7 +222,10 @@ def _geometry_only(image: sitk.Image) -> sitk.Image:
 # planes to the network's grid and back
 # ----------------------------------------------------------------------------------------------
 _SPLINE_POLE = math.sqrt(3.0) - 2.0  # the cubic B-spline prefilter's pole
-_BLOCK = 32  # output samples per dense block of a banded resampling matrix
+# Output samples per dense block of a banded resampling matrix. Small blocks keep each product
+# within OpenBLAS's small-matrix kernels: a 512x512 plane to 256x256 took 0.55 ms with 16, 2.1 ms
+# with 32 and 11 ms with 64 (numpy's OpenBLAS, AVX-512 Xeon, one thread); back, 0.65 ms with 16 or 32.
+_BLOCK = 16
 _DROPPED = 1e-7  # weight (relative to a row's sum of |weights|) a band may leave out on each side
 _MATRIX_KINDS = {sitk.sitkLinear: "linear", sitk.sitkBSpline: "bspline"}  # others run through SimpleITK
 
@@ -430,7 +433,7 @@ class PlaneGrid:
     How: the resampling is what SimpleITK's ``DiscreteGaussian`` + ``Resample`` compute (they ran
     plane by plane before), written as one matrix per axis (the transform is a scale and a shift
     along each axis, so it is separable) and applied with BLAS as banded products on the whole
-    stack. A 512x512 plane on the 2-core test machines: 1.0-1.8 ms to 256x256 and 0.6-1.7 ms back,
+    stack. A 512x512 plane on the 2-core test machines: 0.55-1.0 ms to 256x256 and 0.65-1.7 ms back,
     against 31 and 44 ms with SimpleITK. The values are SimpleITK's to 1e-6 (float32 rounding);
     Testing/test_planes.py checks it.
 
@@ -493,13 +496,7 @@ class PlaneGrid:
             n, c = stack.shape[0], stack.shape[3]
             stack = np.ascontiguousarray(np.moveaxis(stack, 3, 1)).reshape(n * c, *stack.shape[1:3])
         def both_axes(part: np.ndarray) -> np.ndarray:
-            if x_axis.m >= x_axis.n:
-                return y_axis.along_rows(x_axis.along_last(part))
-            # Shrinking along x, a product with a thin banded block on the right (many input
-            # columns, 32 outputs) runs at a fraction of BLAS's speed: rows first, then the x axis
-            # as rows of the transposed, already halved stack (512 -> 256: 1.8 ms a plane, not 3.6).
-            rows_done = np.ascontiguousarray(y_axis.along_rows(part).transpose(0, 2, 1))
-            return np.ascontiguousarray(x_axis.along_rows(rows_done).transpose(0, 2, 1))
+            return y_axis.along_rows(x_axis.along_last(part))
 
         with _one_blas_thread():
             if self.threads == 1 or len(stack) < 2:
