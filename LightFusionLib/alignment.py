@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from .windows import voxel_sample
+
 __all__ = [
     "REGISTER_HINT",
     "GRID_MM",
@@ -225,9 +227,16 @@ def _coarse(image: sitk.Image, role: str) -> sitk.Image:
     factors = [max(1, min(int(to_int(grid_mm / s)), n)) for s, n in zip(image.GetSpacing(), image.GetSize())]
     shrink = any(f > 1 for f in factors)
     if shrink and _is_integer(image):
-        stats = sitk.MinimumMaximumImageFilter()
-        stats.Execute(image)
-        if stats.GetMaximum() - stats.GetMinimum() >= _NATIVE_SHRINK_MIN_LEVELS:
+        # A strided sample's range is a lower bound of the volume's: enough levels there settles
+        # it without a pass over every voxel (0.2 s on a 512x512x400 MRI); too few, and the
+        # whole volume decides.
+        sample = voxel_sample(sitk.GetArrayViewFromImage(image))
+        levels = float(sample.max()) - float(sample.min())
+        if levels < _NATIVE_SHRINK_MIN_LEVELS:
+            stats = sitk.MinimumMaximumImageFilter()
+            stats.Execute(image)
+            levels = stats.GetMaximum() - stats.GetMinimum()
+        if levels >= _NATIVE_SHRINK_MIN_LEVELS:
             image = sitk.BinShrink(image, factors)
             shrink = False
     image = sitk.Cast(image, sitk.sitkFloat32)

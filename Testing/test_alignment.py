@@ -291,3 +291,24 @@ def test_capped_coarse_grid_still_separates_aligned_from_misaligned(pair, monkey
     assert not check_alignment(mri, other).misaligned
     assert check_alignment(mri, moved(other, translation=(25, 0, 0))).misaligned
     assert check_alignment(mri, moved(other, rotation_deg=(0, 0, -20))).misaligned
+
+
+def test_the_native_shrink_decision_is_the_whole_volumes_even_where_a_sample_misses_the_range():
+    from LightFusionLib.alignment import _coarse
+    from LightFusionLib.windows import voxel_sample
+
+    rng = np.random.default_rng(0)
+    few_levels = rng.integers(0, 10, (260, 128, 128)).astype(np.int16)  # 10 grey levels: averaged as floats
+    # (4 M voxels: the sample takes every other one)
+    image = sitk.GetImageFromArray(few_levels)
+    image.SetSpacing((1.0, 1.0, 1.0))
+    averaged = sitk.GetArrayFromImage(_coarse(image, "fixed"))
+    assert not np.allclose(averaged, np.round(averaged))
+    # one bright voxel off the sample's stride gives the volume 1000 levels: block-averaged in int16
+    with_outlier = few_levels.copy()
+    with_outlier.reshape(-1)[1] = 1000
+    assert voxel_sample(with_outlier).max() < 10
+    image = sitk.GetImageFromArray(with_outlier)
+    image.SetSpacing((1.0, 1.0, 1.0))
+    averaged = sitk.GetArrayFromImage(_coarse(image, "fixed"))
+    np.testing.assert_array_equal(averaged, np.round(averaged))
