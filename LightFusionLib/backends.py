@@ -143,7 +143,11 @@ def faster_cpu_runtime() -> str:
         model = shipped_model_path("pet-mri", ".onnx")
     except ModelError:  # no exported model to measure with: the default runtime
         return "onnx"
-    rates = measure_cpu_runtimes(model)
+    try:
+        rates = measure_cpu_runtimes(model)
+    except Exception as exc:  # an OpenVINO that does not run here must not take 'auto' down with it
+        log.warning("OpenVINO could not be measured (%s); auto uses ONNX Runtime", str(exc).splitlines()[0])
+        return "onnx"
     choice = "openvino" if rates["openvino"] >= OPENVINO_MARGIN * rates["onnx"] else "onnx"
     log.info("CPU runtime for 'auto': %s (planes/s at 256x256: ONNX Runtime %.1f, OpenVINO %.1f)",
              choice, rates["onnx"], rates["openvino"])

@@ -87,3 +87,12 @@ def test_auto_on_a_machine_without_an_nvidia_driver_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
     # the GPU question answered without importing torch (about 1.3 s on every fuse before)
     assert proc.stdout.split(")")[1].split() == ["False", "False"]
+
+
+def test_an_openvino_that_fails_to_run_leaves_auto_on_onnx_runtime(fresh_cache, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("Exception from src/inference: CPU plug-in cannot run here")
+
+    monkeypatch.setattr(OpenVinoBackend, "__call__", broken)
+    assert faster_cpu_runtime() == "onnx"
+    assert choose_backend("auto", "cpu") == ("onnx", "cpu")
