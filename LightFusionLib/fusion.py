@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .backends import BackendOutOfMemory, FusionBackend, load_backend
+from .backends import BACKENDS, BackendOutOfMemory, FusionBackend, load_backend
 from .colormaps import NONE, apply_colormap, colormap_index, dense_luma_and_offsets, dense_table, lookup_table
 from .colour import add_luma, check_colour_mode, luma, restore_colour
 from .dicom import dicom_modality
@@ -309,12 +309,12 @@ def prepare_pair(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", colo
 # fusion
 # ----------------------------------------------------------------------------------------------
 def resolve_backend(backend, model, task: str, device: str, half: bool = False) -> FusionBackend:
-    """A loaded backend for ``backend`` = 'auto' | 'torch' | 'onnx', or a ready backend object
+    """A loaded backend for ``backend`` (one of :data:`LightFusionLib.backends.BACKENDS`), or a ready backend object
     (checked to run a model of ``task``)."""
     if isinstance(backend, str):
         return load_backend(model, task, backend, device, half=half)
     if not callable(backend):
-        raise TypeError(f"backend must be 'auto', 'torch', 'onnx' or a backend object, got {backend!r}")
+        raise TypeError(f"backend must be one of {', '.join(BACKENDS)} or a backend object, got {backend!r}")
     made_for = getattr(backend, "task", None)
     if made_for is not None and made_for != task:
         raise VolumeError(f"the given backend runs a {made_for} model, not {task}")
@@ -505,7 +505,7 @@ def fuse_volumes(mri: sitk.Image, other: sitk.Image, task: str = "pet-mri", mode
         model: a model file (.pt or .onnx) instead of the task's shipped model.
         axis: 'axial', 'coronal' or 'sagittal', from the direction cosines; planes are cut in the
             canonical anatomical orientation, whatever the voxels' storage order.
-        backend: 'auto' | 'torch' | 'onnx', or a ready backend object (``backend(mri, other)`` on
+        backend: 'auto' | 'torch' | 'onnx' | 'openvino', or a ready backend object (``backend(mri, other)`` on
             (N,H,W) float32 [0,1] arrays -> (N,H,W) fused luma), which then ignores model/device.
         device: 'auto' (CUDA when available) | 'cpu' | 'cuda'.
         colormap: PET/SPECT colour map (default: the task's), or 'none' for a grayscale fused volume.

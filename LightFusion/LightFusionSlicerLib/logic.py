@@ -469,7 +469,7 @@ class LightFusionLogic(_LogicBase):
         :param colormap: colour map for a scalar PET/SPECT; None = the task's default; 'none' = grayscale.
         :param progressCallback: called as ``progressCallback(done, total)`` between batches.
         :param model: a model file (.pt or .onnx) trained for ``task`` instead of the shipped one.
-        :param backend: 'auto', 'torch', 'onnx', or a backend object from LightFusionLib.load_backend.
+        :param backend: one of BACKENDS ('auto', 'torch', 'onnx', 'openvino'), or a backend object from LightFusionLib.load_backend.
         :param batchSize: planes per batch (None: the backend's preferred size).
         :param cancelCallback: returns True to stop; :meth:`cancel` does the same.
         :param registration: 'none' (the volumes are aligned as they lie), 'rigid' or 'affine':
