@@ -38,7 +38,7 @@ RESULTS = OUT / "results.jsonl"
 FOLDS = {
     "pet-mri": [("41", ["41"]), ("25", ["25"]), ("30", ["30"])],
     "spect-mri": [("4-18-35", ["4", "18", "35"])],
-    "ct-mri": [("28-37", ["28", "37"])],
+    "ct-mri": [("28-37", ["28", "37"]), ("32-34", ["32", "34"])],  # the second CT fold: stage 3's check
 }
 # Cases held out of every task in the all-task runs, so that no validation case of any task is
 # trained on (the case numbers are the atlas's and may be the same subject across tasks).
@@ -287,6 +287,7 @@ def main() -> None:
     parser.add_argument("--variants", help="comma-separated subset of the variants")
     parser.add_argument("--tasks", help="comma-separated subset of the tasks")
     parser.add_argument("--results", help="results file to read and extend (default runs/study/results.jsonl)")
+    parser.add_argument("--fold", type=int, default=0, help="confirm/extend: which of the task's folds (default the first)")
     args = parser.parse_args()
     if args.results:
         global RESULTS
@@ -306,7 +307,7 @@ def main() -> None:
     if args.stage == "extend":  # in order: the fine-tuning starts from the pre-trained model
         tasks = args.tasks.split(",") if args.tasks else ["ct-mri"]
         variants = {k: v for k, v in EXTEND.items() if not args.variants or k in args.variants.split(",")}
-        run_jobs(jobs_for("extend", variants, 200, {t: FOLDS[t][:1] for t in tasks}), 1)
+        run_jobs(jobs_for("extend", variants, 200, {t: FOLDS[t][args.fold:args.fold + 1] for t in tasks}), 1)
         return
     if args.stage == "folds":
         variants = {k: v for k, v in FOLD_VARIANTS.items() if not args.variants or k in args.variants.split(",")}
@@ -318,7 +319,8 @@ def main() -> None:
         run_jobs(jobs_for("screen", variants, SCREEN_EPOCHS, folds), args.workers)
     else:
         variants = {k: v for k, v in CONFIRM.items() if not args.variants or k in args.variants.split(",")}
-        run_jobs(jobs_for("confirm", variants, CONFIRM_EPOCHS, {t: FOLDS[t][:1] for t in tasks}), args.workers)
+        run_jobs(jobs_for("confirm", variants, CONFIRM_EPOCHS, {t: FOLDS[t][args.fold:args.fold + 1] for t in tasks}),
+                 args.workers)
 
 
 if __name__ == "__main__":
