@@ -139,8 +139,9 @@ def _resample_axis_aligned(reference: sitk.Image, moving: sitk.Image) -> tuple[s
     scanner or one template space. Its index axes then map one to one onto the reference's, each
     by a scale and a shift, so SimpleITK's linear resampling is one banded matrix per axis (its
     weights, its edge rule and its field of view, [-0.5, n - 0.5) in continuous index), applied
-    with BLAS on 2 threads and written straight into the result image: a 2 mm PET onto a
-    512x512x400 MRI grid in about 0.4 s, not 1.6 s. None where this does not apply."""
+    with BLAS on up to 8 threads and written straight into the result image: a 2 mm PET onto a
+    512x512x400 MRI grid in 0.6-0.9 s on 2 cores, against 0.9-1.2 s for SimpleITK. None where this
+    does not apply."""
     direction = np.array(reference.GetDirection()).reshape(3, 3)
     if (moving.GetNumberOfComponentsPerPixel() != 1 or reference.GetDimension() != 3 or moving.GetDimension() != 3
             or np.abs(np.array(moving.GetDirection()).reshape(3, 3) - direction).max() > _SAME_DIRECTION):
@@ -495,18 +496,16 @@ class PlaneGrid:
         if vector:  # (N, H, W, C) -> (N*C, H, W): each channel is a plane
             n, c = stack.shape[0], stack.shape[3]
             stack = np.ascontiguousarray(np.moveaxis(stack, 3, 1)).reshape(n * c, *stack.shape[1:3])
-        def both_axes(part: np.ndarray) -> np.ndarray:
-            return y_axis.along_rows(x_axis.along_last(part))
-
         with _one_blas_thread():
             if self.threads == 1 or len(stack) < 2:
-                out = both_axes(stack)
+                out = y_axis.along_rows(x_axis.along_last(stack))
             else:  # runs of planes on several threads (BLAS releases the GIL); each plane as alone
                 from concurrent.futures import ThreadPoolExecutor
 
                 bounds = np.linspace(0, len(stack), min(self.threads, len(stack)) + 1).astype(int)
                 with ThreadPoolExecutor(len(bounds) - 1, thread_name_prefix="lightfusion-planes") as pool:
-                    parts = pool.map(lambda ab: both_axes(stack[ab[0]:ab[1]]), zip(bounds[:-1], bounds[1:]))
+                    parts = pool.map(lambda ab: y_axis.along_rows(x_axis.along_last(stack[ab[0]:ab[1]])),
+                                     zip(bounds[:-1], bounds[1:]))
                     out = np.concatenate(list(parts))
         if vector:
             out = np.ascontiguousarray(np.moveaxis(out.reshape(n, c, *out.shape[1:]), 1, 3))
