@@ -29,6 +29,8 @@ from .tasks import check_task
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
+# The Python package each concrete backend imports (what to install for it).
+BACKEND_PACKAGES = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}
 DEVICES = ("auto", "cpu", "cuda")
 CPU_RUNTIMES = ("onnx", "openvino")  # the backends that run an exported .onnx model on the CPU
 # OpenVINO is chosen by 'auto' when it runs at least this many times ONNX Runtime's planes/s here:
@@ -173,7 +175,7 @@ def choose_backend(backend: str = "auto", device: str = "auto") -> tuple[str, st
         raise LightFusionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise LightFusionError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    has_torch, has_ort, has_ov = is_installed("torch"), is_installed("onnxruntime"), is_installed("openvino")
+    has_torch, has_ort, has_ov = (is_installed(BACKEND_PACKAGES[b]) for b in ("torch", "onnx", "openvino"))
     if backend == "auto":
         if device in ("auto", "cuda") and cuda_available():
             backend = "torch"

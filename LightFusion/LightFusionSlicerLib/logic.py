@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from LightFusionLib.backends import BACKENDS, DEVICES  # the library's lists of choices, never copies
+from LightFusionLib.backends import BACKEND_PACKAGES, BACKENDS, DEVICES  # the library's lists of choices, never copies
 from LightFusionLib.colour import COLOUR_MODES, DEFAULT_COLOUR_MODE, check_colour_mode  # also the panel's
 from LightFusionLib.errors import FusionCancelled
 from LightFusionLib.geometry import AXES
@@ -136,13 +136,9 @@ def missingPackage(backend: str = "auto") -> str | None:
     extension); 'onnx' needs onnxruntime; 'openvino' needs openvino (optional: faster than ONNX
     Runtime on some CPUs, see LightFusionLib.backends.faster_cpu_runtime).
     """
-    if backend == "torch":
-        return None if isInstalled("torch") else "torch"
-    if backend == "onnx":
-        return None if isInstalled("onnxruntime") else "onnxruntime"
-    if backend == "openvino":
-        return None if isInstalled("openvino") else "openvino"
-    return None if any(isInstalled(p) for p in ("torch", "onnxruntime", "openvino")) else "onnxruntime"
+    if backend in BACKEND_PACKAGES:
+        return None if isInstalled(BACKEND_PACKAGES[backend]) else BACKEND_PACKAGES[backend]
+    return None if any(isInstalled(p) for p in BACKEND_PACKAGES.values()) else BACKEND_PACKAGES["onnx"]
 
 
 def gpuName() -> str | None:
