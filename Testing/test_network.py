@@ -91,3 +91,29 @@ def test_config_validation_and_round_trip():
         NetworkConfig(width=10, reduction=4)
     cfg = NetworkConfig(width=8, reduction=2, attention="channel")
     assert NetworkConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("task", ["pet-mri", "ct-mri"])
+def test_cpu_study_merged_streams_graph_is_the_same_network(task):
+    """scripts/cpu_network_study.py times a 'merged' graph (both encoders as grouped convolutions)
+    against the shipped one; its numbers mean something only if the two compute the same fusion."""
+    import importlib.util
+    from pathlib import Path
+
+    from LightFusionLib.models import load_model
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "cpu_network_study.py"
+    spec = importlib.util.spec_from_file_location("cpu_network_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    net, _ = load_model(None, task)
+    merged = study.merged_streams(net.eval())
+    torch.manual_seed(1)
+    mri, other = torch.rand(2, 1, 40, 56), torch.rand(2, 1, 40, 56)
+    with torch.no_grad():
+        expected, got = net(mri, other), merged(mri, other)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) * 255 < 0.01
+    # half the operator count is the point: 2 x (stem + 3 blocks + attention) became one set
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules()) < sum(
+        isinstance(m, torch.nn.Conv2d) for m in net.modules())
