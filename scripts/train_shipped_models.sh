@@ -24,6 +24,7 @@ if [ "${STAGES:-all}" = all ]; then
   $PY scripts/quality_study.py confirm --tasks ct-mri --variants lr3e-3-cosine --fold 1 --workers 1
   $PY scripts/quality_study.py extend --fold 1
   $PY scripts/quality_study.py extend --tasks spect-mri
+  $PY scripts/quality_study.py extend --tasks pet-mri --variants epochs-200
   $PY scripts/quality_study.py confirm --tasks spect-mri --variants lr3e-3-cosine --fold 1 --workers 1
   $PY scripts/quality_study.py extend --tasks spect-mri --variants epochs-200 --fold 1
   $PY scripts/quality_study.py table > "$OUT/study-tables.md"
