@@ -5,8 +5,8 @@
 # 3. ONNX export (Testing/test_onnx.py checks each shipped ONNX model against its .pt),
 #    4. the models replace the shipped ones.
 # Recipe (the `lightfusion train` defaults): Adam, lr 3e-3 with cosine decay to 0, batch 4, random 64x64 crops
-# with flips, seed 0, the task's loss preset (eq. 5 for PET/SPECT, Table 5 for CT), 100 epochs (SPECT-MRI: 200;
-# CT-MRI: 60 on all three tasks' pairs, then 200).
+# with flips, seed 0, the task's loss preset (eq. 5 for PET/SPECT, Table 5 for CT), 200 epochs (CT-MRI: 60 on all
+# three tasks' pairs first).
 # Needs ../shared beside the repo. On the 2-core CPU: the study about 8 h (two single-thread trainings at a
 # time; Stage 3 one at a time), the final models about 65 min. STAGES=final runs only steps 2-4.
 set -euo pipefail
@@ -34,7 +34,7 @@ train() {  # task, epochs: one thread each, so that two run side by side on the 
   T=$(echo "$t" | tr a-z A-Z)
   lightfusion train --data "$D/$T" --task "$t" --out "$OUT/$t.pt" --epochs "$epochs" --threads 1 --val-every 1000 --force
 }
-train pet-mri 100 &
+train pet-mri 200 &
 train spect-mri 200 &
 wait
 # CT-MRI (study stage 3): 60 epochs on the pairs of all three tasks with CT's loss, then CT's 200 from there
