@@ -165,7 +165,7 @@ def _resample_axis_aligned(reference: sitk.Image, moving: sitk.Image) -> tuple[s
     along_i, along_j, along_k = axes
     km, jm, im = moving_voxels.shape
     with _one_blas_thread():
-        # k first, on the small volume; then j and i per run of output planes, on 2 threads
+        # k first, on the small volume; then j and i per run of output planes, on up to 8 threads
         planes = along_k.along_rows(moving_voxels.reshape(1, km, jm * im)).reshape(-1, jm, im)
         threads = max(1, min(8, os.cpu_count() or 1, len(planes)))
         bounds = np.linspace(0, len(planes), threads + 1).astype(int)

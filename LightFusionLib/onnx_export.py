@@ -26,19 +26,12 @@ def export_onnx(model: str | Path | None, task: str | None, output: str | Path) 
     check_output_file(output, "output", (Path(model),) if model is not None else ())
 
     import onnx
-    import torch
 
     if task is None:
         task = read_model_file(resolve_model_path(model, "pet-mri"))["task"]
     net, payload = load_model(model, task)
-    example = torch.rand(1, 1, 64, 64)
-    dynamic = {0: "batch", 2: "height", 3: "width"}
     with atomic_output(output) as tmp:
-        torch.onnx.export(
-            net, (example, example), str(tmp), input_names=["mri", "other"], output_names=["fused"],
-            dynamic_axes={"mri": dynamic, "other": dynamic, "fused": dynamic}, opset_version=OPSET,
-            dynamo=False,  # the TorchScript exporter gives a compact graph with plain Conv nodes
-        )
+        export_module(net, tmp)
         proto = onnx.load(str(tmp))
         for key, value in (("lightfusion_task", payload["task"]),
                            ("lightfusion_config", json.dumps(payload["config"])),
@@ -48,3 +41,17 @@ def export_onnx(model: str | Path | None, task: str | None, output: str | Path) 
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
     return output
+
+
+def export_module(net, path: str | Path) -> None:
+    """Write ``net`` (forward(mri, other), each (N,1,H,W) -> (N,1,H,W)) to ``path`` as this project's
+    ONNX graph: inputs ``mri`` and ``other``, output ``fused``, dynamic batch and plane size; no metadata."""
+    import torch
+
+    example = torch.rand(1, 1, 64, 64)
+    dynamic = {0: "batch", 2: "height", 3: "width"}
+    torch.onnx.export(
+        net, (example, example), str(path), input_names=["mri", "other"], output_names=["fused"],
+        dynamic_axes={"mri": dynamic, "other": dynamic, "fused": dynamic}, opset_version=OPSET,
+        dynamo=False,  # the TorchScript exporter gives a compact graph with plain Conv nodes
+    )

@@ -89,15 +89,6 @@ def merged_streams(net):
     return Merged().eval()
 
 
-def _export(module, path: Path) -> None:
-    import torch
-
-    example = torch.rand(1, 1, 64, 64)
-    dynamic = {0: "batch", 2: "height", 3: "width"}
-    torch.onnx.export(module, (example, example), str(path), input_names=["mri", "other"], output_names=["fused"],
-                      dynamic_axes={"mri": dynamic, "other": dynamic, "fused": dynamic}, opset_version=17, dynamo=False)
-
-
 def _rates(backends: dict, planes: np.ndarray, rounds: int, batch: int = 16) -> dict:
     """Median planes/s of each backend over ``rounds`` alternated rounds on ``planes`` (N,2,H,W)."""
     for b in backends.values():
@@ -117,6 +108,7 @@ def study_merged(task: str, rounds: int) -> dict:
 
     from LightFusionLib.backends import OnnxBackend, OpenVinoBackend
     from LightFusionLib.models import load_model, shipped_model_path
+    from LightFusionLib.onnx_export import export_module
 
     net, _ = load_model(None, task)
     merged = merged_streams(net.eval())
@@ -126,7 +118,7 @@ def study_merged(task: str, rounds: int) -> dict:
         max_diff = float((merged(x[:, :1], x[:, 1:]) - net(x[:, :1], x[:, 1:])).abs().max()) * 255
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "merged.onnx"
-        _export(merged, path)
+        export_module(merged, path)
         shipped = shipped_model_path(task, ".onnx")
         backends = {f"{kind}-{cls.name}": cls(task, p) for kind, p in (("shipped", shipped), ("merged", path))
                     for cls in (OnnxBackend, OpenVinoBackend)}
