@@ -33,7 +33,12 @@ _TEMP_NAME = re.compile(rf"{re.escape(TEMP_PREFIX)}[0-9a-f]{{6}}-\d+-[0-9a-f]{{8
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``lightfusion fuse: error: argument --task: ...`` and exit 2,
-    without the usage block (``--help`` shows it)."""
+    without the usage block (``--help`` shows it). Options are not abbreviated: a prefix such as
+    ``--mri`` would otherwise be taken for ``--mri-window`` and fail on its value, far from the slip."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
@@ -429,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--format dicom writes a DICOM series into the new folder OUT.")
     p.add_argument("mri", help="MRI volume (file or DICOM series folder)")
     p.add_argument("other", help="PET / SPECT / CT volume (file or DICOM series folder)")
-    p.add_argument("-o", "--output", required=True,
+    p.add_argument("-o", "--output", "--out", required=True,
                    help="output file (.nrrd, .nii.gz, .mha, ...; colour NIfTI is RGB24), or a new folder "
                         "with --format dicom")
     p.add_argument("--format", default="auto", choices=["auto", "dicom"],
@@ -455,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ITK and Slicer read. Prints the alignment measure before and after.")
     p.add_argument("mri", help="MRI volume (file or DICOM series folder), the fixed image")
     p.add_argument("other", help="PET / SPECT / CT volume (file or DICOM series folder), the moving image")
-    p.add_argument("-o", "--output", required=True, metavar="T.tfm", help="transform file to write (.tfm)")
+    p.add_argument("-o", "--output", "--out", required=True, metavar="T.tfm", help="transform file to write (.tfm)")
     p.add_argument("--register", default="rigid", choices=["rigid", "affine"],
                    help="rigid (default) or affine")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -533,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--task", choices=TASK_CHOICES, help="export the shipped model of this task")
     group.add_argument("--model", help="export this model file (.pt)")
-    p.add_argument("-o", "--output", required=True, help="ONNX file to write (.onnx)")
+    p.add_argument("-o", "--output", "--out", required=True, help="ONNX file to write (.onnx)")
     p.set_defaults(func=_cmd_export_onnx)
 
     p = sub.add_parser("info", help="version, shipped models, backends and devices",

@@ -103,6 +103,10 @@ ARGPARSE_ERRORS = [
     (["export-onnx", "--task", "pet-mri", "--model", "m.pt", "-o", "m.onnx"],
      "lightfusion export-onnx: error: argument --model: not allowed with argument --task"),
     (["fusion"], "lightfusion: error: argument command: invalid choice: 'fusion'"),
+    # no abbreviations: '--mri' was taken for '--mri-window' and failed on the MRI's path as a window
+    (["fuse", "--mri", "a.nrrd", "b.nrrd", "-o", "x.nrrd"], "lightfusion: error: unrecognized arguments: --mri"),
+    (["fuse", "a.nrrd", "b.nrrd", "-o", "x.nrrd", "--col", "saturated"],
+     "lightfusion: error: unrecognized arguments: --col"),
 ]
 
 
@@ -147,6 +151,9 @@ def _data(tmp: Path) -> Path:
 
 
 USER_ERRORS = [
+    # '--out' as in train/batch/demo is fuse's output too (it was only an abbreviation of '--output')
+    ("fuse: --out is --output", lambda t: ["fuse", t / "a.nrrd", t / "b.nrrd", "--out", t / "x.nrrd"],
+     "lightfusion fuse: error: MRI", "a.nrrd does not exist"),
     ("fuse: .onnx model on torch", lambda t: ["fuse", t / "a.nrrd", t / "b.nrrd", "-o", t / "x.nrrd",
                                               "--model", t / "m.onnx", "--backend", "torch"],
      "lightfusion fuse: error: model", "runs on the onnx or openvino backend, not torch"),
