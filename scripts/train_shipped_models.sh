@@ -6,9 +6,9 @@
 #    4. the models replace the shipped ones.
 # Recipe (the `lightfusion train` defaults): Adam, lr 3e-3 with cosine decay to 0, batch 4, random 64x64 crops
 # with flips, seed 0, the task's loss preset (eq. 5 for PET/SPECT, Table 5 for CT), 200 epochs (CT-MRI: 60 on all
-# three tasks' pairs first).
-# Needs ../shared beside the repo. On the 2-core CPU: the study about 8 h (two single-thread trainings at a
-# time; Stage 3 one at a time), the final models about 65 min. STAGES=final runs only steps 2-4.
+# three tasks' pairs first, then 400).
+# Needs ../shared beside the repo. On the 2-core CPU: the study about 9 h (two single-thread trainings at a
+# time; Stage 3 one at a time), the final models about 80 min. STAGES=final runs only steps 2-4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=../shared/data/harvard/train
@@ -37,10 +37,10 @@ train() {  # task, epochs: one thread each, so that two run side by side on the 
 train pet-mri 200 &
 train spect-mri 200 &
 wait
-# CT-MRI (study stage 3): 60 epochs on the pairs of all three tasks with CT's loss, then CT's 200 from there
+# CT-MRI (study stage 3): 60 epochs on the pairs of all three tasks with CT's loss, then CT's 400 from there
 lightfusion train --data "$D" --task ct-mri --extra-task pet-mri --extra-task spect-mri --out "$OUT/ct-all-tasks.pt" \
   --epochs 60 --threads 2 --val-every 1000 --force
-lightfusion train --data "$D/CT-MRI" --task ct-mri --init "$OUT/ct-all-tasks.pt" --out "$OUT/ct-mri.pt" --epochs 200 \
+lightfusion train --data "$D/CT-MRI" --task ct-mri --init "$OUT/ct-all-tasks.pt" --out "$OUT/ct-mri.pt" --epochs 400 \
   --threads 2 --val-every 1000 --force
 for t in pet-mri spect-mri ct-mri; do
   lightfusion export-onnx --model "$OUT/$t.pt" -o "$OUT/$t.onnx"
